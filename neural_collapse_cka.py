@@ -17,9 +17,15 @@ References
     Greydanus, "Scaling down deep learning" (MNIST-1D), 2020.
 """
 
+import argparse
+import ast
 import hashlib
+import json
 import os
+import platform
+import sys
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -34,6 +40,7 @@ SEED = 42                      # root of every derived seed (data noise, inits, 
 LABEL_NOISE = 0.20             # fraction of training labels moved to a different class
 NUM_CLASSES = 10
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TRAIN_SUBSET = None            # None: all 4000 training samples; an int: a stratified subset
 
 BATCH_SIZE = 128
 SGD_LR = 0.01                  # SGD with momentum, cosine-annealed to 0 over the run
@@ -65,6 +72,35 @@ CKA_SUBSET = 500               # fixed, seeded subset of training inputs for CKA
 # Metrics: Sigma_B is pseudo-inverted on its top min(K-1, d) eigenpairs, and of those only
 # eigenvalues above PINV_RTOL * (largest eigenvalue) are kept (see `nc1_pinv`).
 PINV_RTOL = 1e-10
+FIGURE_DPI = 110
+
+# Presets: overrides of the globals above. `full` is the study as specified; `quick` draws
+# the whole figure in minutes on a 2-core CPU, on a stratified 1000-sample training subset
+# (still exactly 20% noisy) with a larger SGD learning rate and far fewer epochs; `smoke`
+# runs every code path in seconds (for tests), its numbers mean nothing.
+PRESETS = {
+    "full": {},
+    "quick": {
+        "TRAIN_SUBSET": 1000, "SGD_LR": 0.05,
+        "WIDTHS": [2, 4, 6, 8, 12, 16, 24, 32, 64], "EPOCHS_MODEL_WISE": 100,
+        "EPOCHS_EPOCH_WISE": 300,
+        "GEN_NC_WIDTH": 32, "EPOCHS_GEN_NC": 100,
+        "EPOCHS_CKA": 100, "CKA_DRIFT_EPOCHS": [1, 5, 20, 50, 100],
+    },
+    "smoke": {
+        "TRAIN_SUBSET": 256, "WIDTHS": [2, 4], "EPOCHS_MODEL_WISE": 2,
+        "EPOCH_WISE_WIDTHS": {"critical": 2, "large": 4}, "EPOCHS_EPOCH_WISE": 3,
+        "EPOCH_WISE_POINTS": 3,
+        "GEN_NC_WIDTH": 4, "DIMS": [2, 9, 10], "EPOCHS_GEN_NC": 2,
+        "EPOCHS_CKA": 2, "CKA_SMALL_WIDTH": 2, "CKA_LARGE_WIDTH": 4, "CKA_WIDTH": 4,
+        "CKA_DRIFT_EPOCHS": [1, 2], "CKA_SUBSET": 100, "FIGURE_DPI": 60,
+    },
+}
+# Everything above is a hyperparameter that `--set` may override, except these facts.
+_FIXED = {"NUM_CLASSES", "PRESETS"}
+_HYPERPARAMETER_NAMES = [name for name, value in list(globals().items())
+                         if name.isupper() and name not in _FIXED
+                         and isinstance(value, (bool, int, float, str, list, dict, type(None)))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -420,3 +456,852 @@ def linear_CKA(X, Y):
     y = y - y.mean(axis=0)
     cross = np.linalg.norm(y.T @ x) ** 2
     return _ratio(cross, np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y), "linear_CKA")
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Training: one routine for every model of every experiment (SPEC section 4)
+# ----------------------------------------------------------------------------------------
+def derive_seed(*parts):
+    """The seed of one model, from (SEED, experiment, architecture, optimizer, width or d,
+    replicate): a model's result never depends on which other models run, or in what order."""
+    digest = hashlib.sha256(repr((SEED,) + parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def resolve_device(name=None):
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use auto or cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def make_model(arch, width, seed, feature_dim=None):
+    torch.manual_seed(seed)  # the only place initial weights are seeded
+    if arch == "ResNet":
+        return ResNet1D(width, feature_dim)
+    if arch == "CNN":
+        return CNN1D(width)
+    raise ValueError(f"unknown architecture {arch!r}; allowed: ResNet, CNN")
+
+
+def make_optimizer(model, name, epochs):
+    """SGD + momentum with cosine annealing to 0 over `epochs`, or constant-rate Adam."""
+    if name == "SGD":
+        opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM,
+                              weight_decay=SGD_WEIGHT_DECAY)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
+    if name == "Adam":
+        return torch.optim.Adam(model.parameters(), lr=ADAM_LR,
+                                weight_decay=ADAM_WEIGHT_DECAY), None
+    raise ValueError(f"unknown optimizer {name!r}; allowed: SGD, Adam")
+
+
+@torch.no_grad()
+def evaluate(model, data):
+    """Errors and NC metrics in eval mode: on the training set with the (noisy) labels the
+    model was trained on, and on the test set with clean labels."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, x, y in [("train", data["x_train"], data["y_train"]),
+                        ("test", data["x_test"], data["y_test"])]:
+        h = model.features(x)[-1]
+        logits = model.classifier(h)
+        out[f"{split}_err"] = float((logits.argmax(1) != y).float().mean())
+        out[f"{split}_loss"] = float(F.cross_entropy(logits, y))
+        out[f"nc_{split}"] = nc_metrics(h, y, model.classifier.weight)
+    model.train(was_training)
+    return out
+
+
+def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpoint=None):
+    """Train on (x_train, y_train) with batch BATCH_SIZE, reshuffled each epoch by the model's
+    own generator. `on_checkpoint(model, epoch)` is called after each epoch in
+    `checkpoints` (the model in eval mode). Returns {epochs_run, train_loss, diverged}."""
+    x, y = data["x_train"], data["y_train"]
+    device = x.device
+    model.to(device).train()
+    opt, scheduler = make_optimizer(model, optimizer, epochs)
+    order = torch.Generator(device=device).manual_seed(seed)
+    n = len(y)
+    checkpoints = set(checkpoints)
+    train_loss = float("nan")
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(n, generator=order, device=device)
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, n, BATCH_SIZE):
+            idx = perm[start:start + BATCH_SIZE]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)
+        if scheduler is not None:
+            scheduler.step()
+        train_loss = float(loss_sum) / n  # one host sync per epoch
+        if not np.isfinite(train_loss):
+            return {"epochs_run": epoch, "train_loss": train_loss, "diverged": True}
+        if epoch in checkpoints and on_checkpoint is not None:
+            model.eval()
+            on_checkpoint(model, epoch)
+            model.train()
+    return {"epochs_run": epochs, "train_loss": train_loss, "diverged": False}
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Experiments: the four drivers of SPEC section 6. Each finished model is saved as a
+#    record (JSON, plus its weights) keyed by everything that determines it, so a rerun
+#    skips it; each driver returns a plain JSON-serialisable dict.
+# ----------------------------------------------------------------------------------------
+LAYERS = ["L0", "L1", "L2", "L3"]
+
+
+def write_atomic(path, write):
+    """The one writer of files: `write(f)` fills a temporary file beside `path`, which then
+    replaces `path` in one rename, so a reader never sees a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _json_ready(obj):
+    """NaN and infinities become null: the results stay strict JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def save_json(path, obj):
+    text = json.dumps(_json_ready(obj), indent=1, allow_nan=False)
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def stratified_subset(noise_mask, size, seed):
+    """`size` training indices with the same noise fraction as the full set: exactly
+    round(LABEL_NOISE * size) corrupted samples (used by the quick and smoke presets)."""
+    rng = np.random.default_rng([seed, 1])
+    noisy, clean = np.flatnonzero(noise_mask), np.flatnonzero(~noise_mask)
+    n_noisy = int(round(LABEL_NOISE * size))
+    idx = np.concatenate([rng.choice(noisy, n_noisy, replace=False),
+                          rng.choice(clean, size - n_noisy, replace=False)])
+    return np.sort(idx)
+
+
+def experiment_data(device):
+    data = get_data(LABEL_NOISE, SEED, device)
+    if TRAIN_SUBSET is not None and TRAIN_SUBSET < len(data["y_train"]):
+        idx = torch.as_tensor(stratified_subset(data["noise_mask"].cpu().numpy(),
+                                                TRAIN_SUBSET, SEED), device=device)
+        for key in ("x_train", "y_train", "y_train_clean", "noise_mask"):
+            data[key] = data[key][idx]
+    return data
+
+
+def training_config():
+    """Every global that can change a trained model or its measurements. The lists of which
+    models to run (WIDTHS, DIMS, ...) and the epoch counts are left out: a model's own
+    width and epochs are part of its record key instead."""
+    skip = {"WIDTHS", "DIMS", "EPOCH_WISE_WIDTHS", "CKA_SEEDS", "DATA_DIR", "FIGURE_DPI"}
+    return {name: value for name, value in hyperparameters().items()
+            if name not in skip and not name.startswith("EPOCHS_")}
+
+
+class ModelRuns:
+    """Trains models, or loads their records from `records_dir` when an earlier run of the
+    same configuration finished them; prints one progress line per model with an ETA."""
+
+    def __init__(self, experiment, data, records_dir=None, log=print, total_cost=0):
+        self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
+        self.total_cost, self.done_cost, self.train_seconds, self.trained_cost = total_cost, 0, 0.0, 0
+        self.count = 0
+
+    @staticmethod
+    def cost(spec):
+        # Time per epoch is roughly overhead + parameters (measured on CPU and GPU alike).
+        params = count_parameters(make_model(spec["arch"], spec["width"], 0, spec.get("d")))
+        return spec["epochs"] * (params + 20_000)
+
+    def key(self, spec):
+        blob = json.dumps({"model": spec, "config": training_config(),
+                           "device": self.data["x_train"].device.type}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def _paths(self, spec):
+        stem = os.path.join(self.records_dir, self.experiment,
+                            f"{spec['arch']}_{spec['optimizer']}_w{spec['width']}_{self.key(spec)}")
+        return stem + ".json", stem + ".pt"
+
+    def run(self, spec, checkpoints=(), measure=None, keep_model=False):
+        """Train the model of `spec` (or reuse its record). `measure(model, epoch)` is called at
+        each checkpoint epoch and its dicts are kept in record["checkpoints"]. With
+        keep_model, the trained model is returned alongside the record."""
+        seed = spec.get("seed", derive_seed(self.experiment, spec["arch"], spec["optimizer"],
+                                            spec.get("d") or spec["width"], spec.get("replicate", 0)))
+        json_path, weights_path = self._paths(spec) if self.records_dir else (None, None)
+        cost = self.cost(spec)
+        if json_path and os.path.exists(json_path):
+            with open(json_path) as f:
+                record = json.load(f)
+            model = None
+            if keep_model:
+                model = make_model(spec["arch"], spec["width"], seed, spec.get("d"))
+                model.load_state_dict(torch.load(weights_path, weights_only=True))
+                model.to(self.data["x_train"].device).eval()
+            self._report(spec, record, cost, cached=True)
+            return (record, model) if keep_model else record
+        start = time.time()
+        model = make_model(spec["arch"], spec["width"], seed, spec.get("d"))
+        measured = []
+        trained = train_model(model, self.data, spec["optimizer"], spec["epochs"], seed,
+                              checkpoints, lambda m, e: measured.append(measure(m, e)))
+        if trained["diverged"]:
+            nan_nc = dict.fromkeys(["nc1", "nc1_pinv", "nc2", "nc2_equinorm",
+                                    "nc2_equiangle", "nc3", "nc4"], float("nan"))
+            scores = {"train_err": float("nan"), "test_err": float("nan"),
+                      "train_loss": float("nan"), "test_loss": float("nan"),
+                      "nc_train": nan_nc, "nc_test": dict(nan_nc)}
+        else:
+            scores = evaluate(model, self.data)
+        record = {**spec, "seed": seed, "params": count_parameters(model), **trained, **scores,
+                  "checkpoints": measured, "seconds": time.time() - start}
+        if json_path:
+            state = {k: v.cpu() for k, v in model.state_dict().items()}
+            write_atomic(weights_path, lambda f: torch.save(state, f))
+            save_json(json_path, record)  # written last: its presence marks the model done
+            record = json.loads(json.dumps(_json_ready(record)))  # same form as when loaded
+        self.train_seconds += record["seconds"]
+        self.trained_cost += cost
+        self._report(spec, record, cost, cached=False)
+        model.eval()
+        return (record, model) if keep_model else record
+
+    def _report(self, spec, record, cost, cached):
+        self.count += 1
+        self.done_cost += cost
+        if self.log is None:
+            return
+        left = max(self.total_cost - self.done_cost, 0)
+        eta = (f"~{_duration(self.train_seconds / self.trained_cost * left)} left"
+               if self.trained_cost else "")
+        what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
+        if spec.get("d") is not None:
+            what += f" d={spec['d']}"
+        if "seed" in spec:
+            what += f" seed={spec['seed']}"
+        status = "DIVERGED" if record["diverged"] else (
+            f"test_err {_fmt(record['test_err'])} NC1 {_fmt(record['nc_train']['nc1'])}")
+        timing = "cached" if cached else f"{record['seconds']:.1f}s"
+        self.log(f"[{self.experiment}] {what:<28} {status}  ({timing})  "
+                 f"{self.count} done {eta}".rstrip())
+
+
+def _fmt(value):
+    return "nan" if value is None or not np.isfinite(value) else f"{value:.3g}"
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_int_list(name, values):
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
+    return [_check_positive_int(name, v) for v in values]
+
+
+def _nc_columns(records, split="nc_train"):
+    keys = ["nc1", "nc1_pinv", "nc2", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"]
+    return {key: [r[split][key] for r in records] for key in keys}
+
+
+def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
+                            optimizers=("SGD", "Adam"), device=None, records_dir=None,
+                            log=print):
+    """Exp 1, model-wise double descent: every architecture x optimizer x width, trained for
+    `epochs`. Per configuration ("ResNet_SGD", ...): width, params, train/test error, train
+    loss, diverged, seconds, NC1-NC4 on the training set (noisy labels) and under "nc_test"
+    on the test set (clean labels)."""
+    epochs = _check_positive_int("epochs", EPOCHS_MODEL_WISE if epochs is None else epochs)
+    widths = _check_int_list("widths", WIDTHS if widths is None else widths)
+    data = experiment_data(resolve_device(device))
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs}
+             for a in archs for o in optimizers for w in widths]
+    runs = ModelRuns("exp1", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
+    records = [runs.run(s) for s in specs]
+    out = {}
+    for arch in archs:
+        for opt in optimizers:
+            rs = [r for r in records if r["arch"] == arch and r["optimizer"] == opt]
+            out[f"{arch}_{opt}"] = {
+                **{k: [r[k] for r in rs] for k in ("width", "params", "train_err", "test_err",
+                                                   "train_loss", "diverged", "seconds")},
+                **_nc_columns(rs), "nc_test": _nc_columns(rs, "nc_test"), "epochs": epochs}
+    return out
+
+
+def log_spaced_epochs(epochs, points):
+    """At least `points` distinct epochs in 1..epochs (all of them if fewer), log-spaced, so
+    dense early."""
+    if epochs <= points:
+        return list(range(1, epochs + 1))
+    count = points
+    while True:
+        grid = np.unique(np.round(np.geomspace(1, epochs, count)).astype(int))
+        if len(grid) >= points:
+            return grid.tolist()
+        count += points - len(grid)
+
+
+def run_epoch_wise_dynamics(epochs=None, widths=None, device=None, records_dir=None, log=print):
+    """Exp 2, epoch-wise double descent: ResNet-1D at a "critical" and a "large" width, Adam;
+    train/test error and NC1 (training set) at log-spaced epochs."""
+    epochs = _check_positive_int("epochs", EPOCHS_EPOCH_WISE if epochs is None else epochs)
+    widths = dict(EPOCH_WISE_WIDTHS if widths is None else widths)
+    for name, w in widths.items():
+        _check_positive_int(f"width of {name!r}", w)
+    data = experiment_data(resolve_device(device))
+    grid = log_spaced_epochs(epochs, EPOCH_WISE_POINTS)
+    specs = {name: {"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
+                    "checkpoints": grid} for name, w in widths.items()}
+    runs = ModelRuns("exp2", data, records_dir, log, sum(map(ModelRuns.cost, specs.values())))
+
+    def measure(model, epoch):
+        scores = evaluate(model, data)
+        return {"epoch": epoch, "train_err": scores["train_err"],
+                "test_err": scores["test_err"], "nc1": scores["nc_train"]["nc1"]}
+
+    out = {}
+    for name, spec in specs.items():
+        curve = runs.run(spec, grid, measure)["checkpoints"]
+        out[name] = {"width": spec["width"], **{k: [c[k] for c in curve] for k in
+                                                ("epoch", "test_err", "train_err", "nc1")}}
+    return out
+
+
+def run_generalized_nc(epochs=None, dims=None, width=None, device=None, records_dir=None,
+                       log=print):
+    """Exp 3, generalised NC: ResNet-1D(width) with a bias-free projector to d dimensions,
+    SGD; NC metrics (training set) against d. d < K-1 = 9 cannot hold a simplex ETF."""
+    epochs = _check_positive_int("epochs", EPOCHS_GEN_NC if epochs is None else epochs)
+    dims = _check_int_list("dims", DIMS if dims is None else dims)
+    width = _check_positive_int("width", GEN_NC_WIDTH if width is None else width)
+    data = experiment_data(resolve_device(device))
+    specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs}
+             for d in dims]
+    runs = ModelRuns("exp3", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
+    records = [runs.run(s) for s in specs]
+    return {"width": width, "d": dims, **_nc_columns(records),
+            **{k: [r[k] for r in records] for k in ("train_err", "test_err", "diverged")},
+            "nc_test": _nc_columns(records, "nc_test"), "epochs": epochs}
+
+
+@torch.no_grad()
+def layer_representations(model, x):
+    """L0..L3 of `model` on inputs x as float64 arrays (n, features); conv activations
+    (n, C, L) are globally average-pooled over L, as in SPEC section 5."""
+    was_training = model.training
+    model.eval()
+    reps = [f.mean(dim=2) if f.dim() == 3 else f for f in model.features(x)]
+    model.train(was_training)
+    return [r.detach().cpu().double().numpy() for r in reps]
+
+
+def cka_inputs(data):
+    """The fixed, seeded subset of CKA_SUBSET training inputs every CKA is computed on."""
+    n = len(data["x_train"])
+    idx = np.random.default_rng([SEED, 2]).choice(n, min(CKA_SUBSET, n), replace=False)
+    return data["x_train"][torch.as_tensor(np.sort(idx), device=data["x_train"].device)]
+
+
+def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=None,
+                       seeds=None, drift_epochs=None, device=None, records_dir=None,
+                       log=print):
+    """Exp 4, layer-wise linear CKA between ResNet-1D models trained with Adam:
+    4A small vs large width (4x4 layer pairs, rows small, columns large); 4B one model at
+    `width` against its epoch-1 self at `drift_epochs` (the model of the first seed);
+    4C the models of `seeds` compared pairwise, layer by layer."""
+    epochs = _check_positive_int("epochs", EPOCHS_CKA if epochs is None else epochs)
+    small = _check_positive_int("small_width", CKA_SMALL_WIDTH if small_width is None else small_width)
+    large = _check_positive_int("large_width", CKA_LARGE_WIDTH if large_width is None else large_width)
+    width = _check_positive_int("width", CKA_WIDTH if width is None else width)
+    seeds = list(CKA_SEEDS if seeds is None else seeds)
+    if len(seeds) < 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise ValueError(f"seeds must be a list of at least two integers, got {seeds!r}")
+    drift = sorted({e for e in (CKA_DRIFT_EPOCHS if drift_epochs is None else drift_epochs)
+                    if 1 <= e <= epochs} | {1})
+    data = experiment_data(resolve_device(device))
+    x_cka = cka_inputs(data)
+    base = {"arch": "ResNet", "optimizer": "Adam", "epochs": epochs}
+    specs = ([{**base, "width": w} for w in (small, large)]
+             + [{**base, "width": width, "seed": s} for s in seeds])
+    specs[2]["checkpoints"] = drift
+    runs = ModelRuns("exp4", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
+
+    reference = {}
+
+    def measure_drift(model, epoch):
+        reps = layer_representations(model, x_cka)
+        reference.setdefault("reps", reps)  # the first checkpoint is epoch 1
+        return {"epoch": epoch, **{layer: linear_CKA(r, r1) for layer, r, r1
+                                   in zip(LAYERS, reps, reference["reps"])}}
+
+    models = {}
+    for spec in specs:
+        record, model = runs.run(spec, spec.get("checkpoints", ()), measure_drift, keep_model=True)
+        models[(spec["width"], spec.get("seed"))] = (record, layer_representations(model, x_cka))
+    small_reps, large_reps = models[(small, None)][1], models[(large, None)][1]
+    drift_curve = models[(width, seeds[0])][0]["checkpoints"]
+    pairs = [[a, b] for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    return {"layers": LAYERS, "small_width": small, "large_width": large, "width": width,
+            "cross_arch": [[linear_CKA(a, b) for b in large_reps] for a in small_reps],
+            "epochs": [c["epoch"] for c in drift_curve],
+            "drift": {layer: [c[layer] for c in drift_curve] for layer in LAYERS},
+            "seed_pairs": pairs,
+            "cross_seed": {layer: [linear_CKA(models[(width, a)][1][i], models[(width, b)][1][i])
+                                   for a, b in pairs] for i, layer in enumerate(LAYERS)},
+            "test_err": {f"w{spec['width']}" + (f"_seed{spec['seed']}" if "seed" in spec else ""):
+                         models[(spec["width"], spec.get("seed"))][0]["test_err"]
+                         for spec in specs},
+            "cka_subset": len(x_cka), "cka_conv": "pool", "estimator": "linear", "epochs_trained": epochs}
+
+
+# ----------------------------------------------------------------------------------------
+# 7. The composite figure (SPEC section 7): a 3 x 4 grid drawn from a results dict alone.
+# ----------------------------------------------------------------------------------------
+CONFIG_STYLE = {"ResNet_SGD": ("tab:blue", "o"), "ResNet_Adam": ("tab:cyan", "s"),
+                "CNN_SGD": ("tab:red", "^"), "CNN_Adam": ("tab:orange", "v")}
+
+
+def _values(seq):
+    return np.array([np.nan if v is None else v for v in seq], dtype=float)
+
+
+def _not_run(ax, what):
+    ax.text(0.5, 0.5, f"{what}\nnot run", ha="center", va="center", fontsize=12,
+            color="0.45", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor("0.8")
+        spine.set_linestyle("--")
+
+
+def _positive_log(ax, values):
+    """Log scale where the data allow it (NC1 can be NaN or 0 in degenerate runs)."""
+    finite = values[np.isfinite(values)]
+    if finite.size and (finite > 0).all():
+        ax.set_yscale("log")
+
+
+def _plot_exp1(axes, exp1):
+    panels = [("test_err", "Test error", "Exp 1: model-wise double descent"),
+              ("nc1", "NC1  Tr(Σ_W)/Tr(Σ_B)", "Exp 1: NC1 (within-class variability)"),
+              ("nc2", "NC2  ‖G − G_ETF‖_F", "Exp 1: NC2 (distance to simplex ETF)"),
+              ("nc3", "NC3  ‖Ŵ − M̂‖_F", "Exp 1: NC3 (self-duality)"),
+              ("nc4", "NC4  NCC mismatch", "Exp 1: NC4 (nearest class centre)")]
+    for ax, (key, label, title) in zip(axes, panels):
+        if not exp1:
+            _not_run(ax, title)
+            continue
+        everything = []
+        for name, series in exp1.items():
+            color, marker = CONFIG_STYLE.get(name, (None, "o"))
+            y = _values(series[key])
+            everything.append(y)
+            ax.plot(series["params"], y, marker=marker, ms=4, color=color,
+                    label=name.replace("_", " + "))
+            if key == "test_err":
+                ax.plot(series["params"], _values(series["train_err"]), ls=":", color=color,
+                        lw=1)
+        if key == "nc1":
+            _positive_log(ax, np.concatenate(everything))
+        ax.set_xscale("log")
+        ax.set_xlabel("Parameters")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        if key == "test_err":
+            ax.legend(fontsize=7, title="dotted: train error (noisy labels)",
+                      title_fontsize=7)
+
+
+def _plot_exp2(ax, exp2):
+    title = "Exp 2: epoch-wise double descent (Adam)"
+    if not exp2:
+        return _not_run(ax, title)
+    for (name, series), color in zip(exp2.items(), ["tab:purple", "tab:green", "tab:brown"]):
+        ax.plot(series["epoch"], _values(series["test_err"]), color=color,
+                label=f"{name} (w={series['width']}) test")
+        ax.plot(series["epoch"], _values(series["train_err"]), color=color, ls=":", lw=1,
+                label=f"{name} train")
+    ax.set_xscale("log")
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel("Error")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def _plot_exp3(ax_nc1, ax_nc2, exp3):
+    titles = ("Exp 3: NC1 vs feature dim d", "Exp 3: NC2 vs feature dim d")
+    if not exp3:
+        _not_run(ax_nc1, titles[0])
+        return _not_run(ax_nc2, titles[1])
+    for ax, key, label, title in [(ax_nc1, "nc1", "NC1  Tr(Σ_W)/Tr(Σ_B)", titles[0]),
+                                  (ax_nc2, "nc2", "NC2  ‖G − G_ETF‖_F", titles[1])]:
+        y = _values(exp3[key])
+        ax.plot(exp3["d"], y, marker="o", color="tab:blue")
+        if key == "nc1":
+            _positive_log(ax, y)
+        ax.axvline(NUM_CLASSES - 1, color="0.4", ls="--", lw=1,
+                   label=f"d = K−1 = {NUM_CLASSES - 1}")
+        ax.set_xlabel("Feature dimension d")
+        ax.set_ylabel(label)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+
+
+def _plot_exp4(ax_a, ax_b, ax_c, exp4):
+    titles = ("Exp 4A: CKA small vs large", "Exp 4B: CKA to epoch-1 self",
+              "Exp 4C: CKA across seeds")
+    if not exp4:
+        for ax, title in zip((ax_a, ax_b, ax_c), titles):
+            _not_run(ax, title)
+        return
+    layers = exp4["layers"]
+    matrix = np.array([_values(row) for row in exp4["cross_arch"]])
+    ax_a.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    for i in range(len(layers)):
+        for j in range(len(layers)):
+            ax_a.text(j, i, _fmt(matrix[i, j]), ha="center", va="center", fontsize=8,
+                      color="white" if matrix[i, j] < 0.6 else "black")
+    ax_a.set_xticks(range(len(layers)), layers)
+    ax_a.set_yticks(range(len(layers)), layers)
+    ax_a.set_xlabel(f"Large model (w={exp4.get('large_width', '?')})")
+    ax_a.set_ylabel(f"Small model (w={exp4.get('small_width', '?')})")
+    ax_a.set_title(titles[0])
+    for layer, color in zip(layers, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+        ax_b.plot(exp4["epochs"], _values(exp4["drift"][layer]), marker="o", ms=3,
+                  color=color, label=layer)
+    ax_b.set_xscale("log")
+    ax_b.set_ylim(0, 1.05)
+    ax_b.set_xlabel("Epoch")
+    ax_b.set_ylabel("Linear CKA")
+    ax_b.set_title(titles[1] + f" (w={exp4.get('width', '?')})")
+    ax_b.legend(fontsize=7)
+    per_layer = [_values(exp4["cross_seed"][layer]) for layer in layers]
+    ax_c.bar(layers, [np.nanmean(v) for v in per_layer],
+             yerr=[np.nanstd(v) for v in per_layer], capsize=4, color="tab:gray")
+    ax_c.set_ylim(0, 1.05)
+    ax_c.set_ylabel("Linear CKA (mean ± std over pairs)")
+    ax_c.set_title(titles[2] + f" {exp4['seed_pairs'] and sorted({s for p in exp4['seed_pairs'] for s in p})}")
+
+
+def _run_summary(results):
+    config, env = results.get("config", {}), results.get("env", {})
+    walls = env.get("wall_seconds", {})
+    run = [f"{e}" for e in ("exp1", "exp2", "exp3", "exp4") if results.get(e)]
+    lines = [f"Preset: {config.get('preset', '?')}",
+             f"Device: {env.get('device', '?')} ({env.get('device_name', '')})",
+             f"Seed: {config.get('SEED', '?')}, label noise {config.get('LABEL_NOISE', '?')}",
+             f"Training samples: {config.get('TRAIN_SUBSET') or 4000}",
+             f"Epochs: Exp1 {config.get('EPOCHS_MODEL_WISE')}, Exp2 "
+             f"{config.get('EPOCHS_EPOCH_WISE')}, Exp3 {config.get('EPOCHS_GEN_NC')}, "
+             f"Exp4 {config.get('EPOCHS_CKA')}",
+             f"SGD lr {config.get('SGD_LR')} (cosine), Adam lr {config.get('ADAM_LR')}",
+             f"CKA seeds: {config.get('CKA_SEEDS')}",
+             f"Experiments run: {', '.join(run) or 'none'}",
+             "Wall time: " + ", ".join(f"{k} {_duration(v)}" for k, v in walls.items()),
+             f"torch {env.get('torch', '?')}, {env.get('started', '')}"]
+    return "\n".join(lines)
+
+
+def plot_results(results, path):
+    """Draw the 3 x 4 composite figure of `results` (a dict as the drivers return it, or
+    as loaded from the results JSON) and write it atomically to `path`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(3, 4, figsize=(20, 14))
+    _plot_exp1([axes[0, 0], axes[0, 1], axes[0, 2], axes[0, 3], axes[1, 0]],
+               results.get("exp1"))
+    _plot_exp2(axes[1, 1], results.get("exp2"))
+    _plot_exp3(axes[1, 2], axes[1, 3], results.get("exp3"))
+    _plot_exp4(axes[2, 0], axes[2, 1], axes[2, 2], results.get("exp4"))
+    info = axes[2, 3]
+    info.axis("off")
+    info.set_title("This run")
+    info.text(0.0, 0.95, _run_summary(results), va="top", ha="left", fontsize=10,
+              family="monospace", transform=info.transAxes, wrap=True)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3) if ax.axison and ax is not axes[2, 0] else None
+    fig.suptitle("Double descent, neural collapse and CKA on MNIST-1D with "
+                 f"{results.get('config', {}).get('LABEL_NOISE', LABEL_NOISE):.0%} label noise",
+                 fontsize=15)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=FIGURE_DPI))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Command line (SPEC section 8)
+# ----------------------------------------------------------------------------------------
+RESULTS_NAME = "neural_collapse_cka_results"
+DRIVERS = {1: run_model_wise_complete, 2: run_epoch_wise_dynamics, 3: run_generalized_nc,
+           4: run_cka_experiment}
+
+# Integers that must be >= 1 (every other number must be >= 0).
+_AT_LEAST_ONE = {"BATCH_SIZE", "EPOCH_WISE_POINTS", "GEN_NC_WIDTH", "CKA_SMALL_WIDTH",
+                 "CKA_LARGE_WIDTH", "CKA_WIDTH", "CKA_SUBSET", "FIGURE_DPI", "TRAIN_SUBSET",
+                 "WIDTHS", "DIMS", "CKA_DRIFT_EPOCHS", "EPOCH_WISE_WIDTHS"}
+
+
+def hyperparameters():
+    """The current value of every hyperparameter global (what the results file records)."""
+    module = sys.modules[__name__]
+    return {name: getattr(module, name) for name in _HYPERPARAMETER_NAMES}
+
+
+def check_setting(name, value):
+    """`value` if it is allowed for the global `name` (same type as its default, in range),
+    else ValueError naming what is allowed."""
+    if name not in _HYPERPARAMETER_NAMES:
+        raise ValueError(f"unknown hyperparameter {name!r}; allowed: "
+                         + ", ".join(_HYPERPARAMETER_NAMES))
+    default = _DEFAULTS[name]
+    low = 1 if name in _AT_LEAST_ONE or name.startswith("EPOCHS_") else 0
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def fail(allowed):
+        raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail("True or False")
+    elif default is None or is_int(default):
+        if not (is_int(value) and value >= low) and not (default is None and value is None):
+            fail(f"an integer >= {low}" + (" or None" if default is None else ""))
+    elif isinstance(default, float):
+        if not (is_int(value) or isinstance(value, float)) or not np.isfinite(value) or value < 0:
+            fail("a finite number >= 0")
+        if name.endswith("_LR") and value <= 0:
+            fail("a learning rate > 0")
+        if name == "LABEL_NOISE" and value >= 1:
+            fail("a fraction in [0, 1)")
+        value = float(value)
+    elif isinstance(default, list):
+        if not isinstance(value, list) or not value or not all(
+                is_int(v) and v >= low for v in value):
+            fail(f"a non-empty list of integers >= {low}, like {default}")
+    elif isinstance(default, dict):
+        if not isinstance(value, dict) or not value or not all(
+                isinstance(k, str) and is_int(v) and v >= 1 for k, v in value.items()):
+            fail(f"a non-empty dict of name: width, like {default}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        fail("a string")
+    return value
+
+
+def parse_setting(text):
+    """'NAME=VALUE' -> (NAME, value), VALUE read as a Python literal (a bare word is a string)."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ValueError(f"--set expects NAME=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()  # a bare word: only a string global accepts it
+    return name, check_setting(name, value)
+
+
+def apply_settings(settings):
+    module = sys.modules[__name__]
+    for name, value in settings.items():
+        setattr(module, name, check_setting(name, value))
+
+
+def environment(device):
+    import matplotlib
+    import mnist1d
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "matplotlib": matplotlib.__version__,
+            "mnist1d": getattr(mnist1d, "__version__", _package_version("mnist1d")),
+            "platform": platform.platform(), "device": device.type,
+            "torch_threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else platform.processor() or platform.machine())
+    return info
+
+
+def _package_version(name):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run_study(experiments, out_dir, device, preset, log=print):
+    """Run the chosen experiments with the current globals, then write the results JSON and
+    the figure into `out_dir` (both atomically). Finished models are kept under
+    out_dir/records, so rerunning after an interruption resumes."""
+    results = {"config": {"preset": preset, "experiments": experiments, **hyperparameters()},
+               "env": environment(device)}
+    walls = results["env"]["wall_seconds"] = {}
+    start = time.time()
+    for number in experiments:
+        t0 = time.time()
+        results[f"exp{number}"] = DRIVERS[number](device=device.type,
+                                                  records_dir=os.path.join(out_dir, "records"),
+                                                  log=log)
+        walls[f"exp{number}"] = time.time() - t0
+    walls["total"] = time.time() - start
+    json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
+    save_json(json_path, results)
+    plot_results(results, os.path.join(out_dir, RESULTS_NAME + ".png"))
+    log(f"wrote {json_path} and {RESULTS_NAME}.png in {_duration(walls['total'])}")
+    return results
+
+
+def load_results(path):
+    """A results JSON written by this script, or ValueError saying what is wrong with it."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read results file {path!r}: {e.strerror}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"results file {path!r} is not valid JSON ({e})")
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        raise ValueError(f"{path!r} is not a results file of this script (no 'config' entry)")
+    return results
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, never a usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser():
+    p = _Parser(prog="neural_collapse_cka.py",
+                description="Double descent, neural collapse (NC1-NC4) and layer-wise CKA on "
+                            "MNIST-1D with 20%% label noise. Writes %s.png and .json into "
+                            "--out." % RESULTS_NAME)
+    p.add_argument("--preset", default="full", choices=list(PRESETS),
+                   help="full: the paper-scale study (a GPU box); quick: the whole figure in "
+                        "minutes on a CPU; smoke: every code path in seconds (default: full)")
+    p.add_argument("--experiments", default="1,2,3,4",
+                   help="comma-separated subset of 1 (model-wise), 2 (epoch-wise), 3 "
+                        "(generalised NC), 4 (CKA) (default: 1,2,3,4)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when available, else CPU (default: auto)")
+    p.add_argument("--out", default="results",
+                   help="output folder for the figure, the JSON and the per-model records "
+                        "that make a rerun resume (default: results)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="root seed SEED for label noise, initialisation and data order "
+                        "(default: 42)")
+    p.add_argument("--plot-only", metavar="FILE",
+                   help="redraw the figure from a results JSON, without training; written "
+                        "into --out if given, else beside FILE")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a hyperparameter global, type-checked against its default, "
+                        "e.g. --set EPOCHS_MODEL_WISE=500 --set \"WIDTHS=[2,8,32]\"; "
+                        "applied after the preset")
+    return p
+
+
+def _parse_experiments(text):
+    try:
+        numbers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        numbers = []
+    if not numbers or any(n not in DRIVERS for n in numbers):
+        raise ValueError(f"--experiments {text!r} is not allowed; expected a comma-separated "
+                         "subset of 1,2,3,4")
+    return numbers
+
+
+def _writable_dir(path):
+    """Create `path` if needed and prove it writable; ValueError otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {path!r} is not a writable folder ({e.strerror})")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.plot_only:
+            results = load_results(args.plot_only)
+            out_dir = args.out if "--out" in (argv or sys.argv) else os.path.dirname(
+                os.path.abspath(args.plot_only))
+            _writable_dir(out_dir)
+            path = os.path.join(out_dir, RESULTS_NAME + ".png")
+            plot_results(results, path)
+            print(f"wrote {path}")
+            return 0
+        experiments = _parse_experiments(args.experiments)
+        settings = dict(PRESETS[args.preset])
+        if args.seed is not None:
+            settings["SEED"] = args.seed
+        for text in args.set:
+            name, value = parse_setting(text)
+            settings[name] = value
+        for name, value in settings.items():
+            check_setting(name, value)
+        device = resolve_device(args.device)
+        _writable_dir(args.out)
+    except ValueError as e:
+        parser.error(str(e))
+    apply_settings(settings)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    print(f"preset {args.preset}, experiments {experiments}, device {device}, out {args.out}",
+          flush=True)
+    try:
+        run_study(experiments, args.out, device, args.preset,
+                  log=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished models are saved under {args.out}/records; rerun the "
+              "same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+_DEFAULTS = {name: value for name, value in hyperparameters().items()}
+
+if __name__ == "__main__":
+    sys.exit(main())
