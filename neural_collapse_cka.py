@@ -470,11 +470,16 @@ def derive_seed(*parts):
 
 def resolve_device(name=None):
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available; use auto or cpu")
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda")
+    if name == "cuda":
+        # cuDNN's fastest convolution algorithms are nondeterministic; SPEC section 9 asks
+        # for the same results from the same seed on the same device.
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     return torch.device(name)
 
 
@@ -1287,8 +1292,6 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     apply_settings(settings)
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
     print(f"preset {args.preset}, experiments {experiments}, device {device}, out {args.out}",
           flush=True)
     try:

@@ -1,0 +1,163 @@
+"""The script as a user runs it: a subprocess with the smoke preset (SPEC sections 7-9)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "neural_collapse_cka.py")
+NAME = "neural_collapse_cka_results"
+
+
+def cli(*args, data_dir, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("smoke")
+    result = cli("--preset", "smoke", "--out", str(out), data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def numbers_only(results):
+    """The results without wall times, so two runs can be compared number for number."""
+    results = json.loads(json.dumps(results))
+    results.pop("env")
+    for exp in ("exp1", "exp3"):
+        for series in [results[exp]] if exp == "exp3" else results[exp].values():
+            series.pop("seconds", None)
+    return results
+
+
+def test_smoke_run_writes_figure_and_results_with_the_spec_layout(smoke_run):
+    out, result = smoke_run
+    png = (out / f"{NAME}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / f"{NAME}.json").read_text())
+    assert results["config"]["preset"] == "smoke" and results["config"]["SEED"] == 42
+    assert {"torch", "numpy", "device", "wall_seconds"} <= set(results["env"])
+    assert set(results["exp1"]) == {"ResNet_SGD", "ResNet_Adam", "CNN_SGD", "CNN_Adam"}
+    assert {"critical", "large"} == set(results["exp2"])
+    assert set(results["exp3"]) >= {"d", "nc1", "nc2"}
+    assert set(results["exp4"]) >= {"layers", "cross_arch", "epochs", "drift", "seed_pairs",
+                                    "cross_seed"}
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    # one progress line per model: 8 + 2 + 3 + 5 in the smoke preset
+    assert result.stdout.count(" done") == 18
+
+
+def test_plot_only_redraws_without_training(smoke_run, tmp_path, data_dir):
+    out, _ = smoke_run
+    result = cli("--plot-only", str(out / f"{NAME}.json"), "--out", str(tmp_path),
+                 data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{NAME}.png").read_bytes()[:4] == b"\x89PNG"
+    assert "exp1]" not in result.stdout  # nothing trained
+
+
+def test_figure_marks_experiments_that_were_not_run(tmp_path, data_dir):
+    result = cli("--preset", "smoke", "--experiments", "3", "--out", str(tmp_path),
+                 data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / f"{NAME}.json").read_text())
+    assert "exp3" in results and "exp1" not in results and "exp4" not in results
+
+
+BAD_INPUTS = [
+    (["--preset", "huge"], "preset"),
+    (["--experiments", "1,5"], "experiments"),
+    (["--set", "NO_SUCH=1"], "NO_SUCH"),
+    (["--set", "WIDTHS=abc"], "WIDTHS"),
+    (["--set", "WIDTHS=[]"], "WIDTHS"),
+    (["--set", "EPOCHS_MODEL_WISE=-3"], "EPOCHS_MODEL_WISE"),
+    (["--set", "LABEL_NOISE"], "NAME=VALUE"),
+    (["--device", "tpu"], "device"),
+    (["--seed", "x"], "seed"),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, data_dir, args, named):
+    out = tmp_path / "out"
+    result = cli("--preset", "smoke", "--out", str(out), *args, data_dir=data_dir)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_cuda_requested_without_cuda(tmp_path, data_dir):
+    result = cli("--preset", "smoke", "--device", "cuda", "--out", str(tmp_path / "o"),
+                 data_dir=data_dir)
+    assert result.returncode == 2 and "CUDA is not available" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unwritable_out(tmp_path, data_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = cli("--preset", "smoke", "--out", str(blocker / "sub"), data_dir=data_dir)
+    assert result.returncode == 2 and "--out" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"no_config": 1}'])
+def test_missing_or_corrupt_plot_only_file(tmp_path, data_dir, content):
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    result = cli("--plot-only", str(path), "--out", str(tmp_path / "o"), data_dir=data_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_documents_every_flag(data_dir):
+    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
+                            text=True, cwd=ROOT)
+    for flag in ("--preset", "--experiments", "--device", "--out", "--seed", "--plot-only",
+                 "--set"):
+        assert flag in result.stdout
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir):
+    # Longer than plain smoke, so there is time to kill it half-way through Exp 1.
+    args = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15"]
+    reference = cli(*args, "--out", str(tmp_path / "ref"), data_dir=data_dir)
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = out / "records" / "exp1"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists() and len(list(records.glob("*.json"))) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(list(records.glob("*.json")))
+    assert 3 <= finished < 8, "the kill should land half-way through Exp 1"
+    assert not (out / f"{NAME}.json").exists()
+
+    resumed = cli(*args, "--out", str(out), data_dir=data_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("(cached)") == finished
+    ref = json.loads((tmp_path / "ref" / f"{NAME}.json").read_text())
+    again = json.loads((out / f"{NAME}.json").read_text())
+    assert numbers_only(again) == numbers_only(ref)

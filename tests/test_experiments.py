@@ -1,0 +1,140 @@
+"""Training, drivers and records (SPEC sections 4, 6, 9), called as functions."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import neural_collapse_cka as ncc
+
+
+@pytest.fixture
+def tiny(monkeypatch, data_cache, tmp_path):
+    """Small, fast settings; the data comes from the shared test cache."""
+    monkeypatch.setattr(ncc, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(ncc, "_cache_path", lambda args: data_cache)
+    monkeypatch.setattr(ncc, "TRAIN_SUBSET", 200)
+    monkeypatch.setattr(ncc, "CKA_SUBSET", 50)
+    return tmp_path
+
+
+def test_derived_seeds_depend_on_every_part_and_nothing_else():
+    a = ncc.derive_seed("exp1", "ResNet", "SGD", 8, 0)
+    assert a == ncc.derive_seed("exp1", "ResNet", "SGD", 8, 0)
+    others = {ncc.derive_seed("exp1", "ResNet", "SGD", 8, 1),
+              ncc.derive_seed("exp1", "ResNet", "Adam", 8, 0),
+              ncc.derive_seed("exp1", "CNN", "SGD", 8, 0),
+              ncc.derive_seed("exp3", "ResNet", "SGD", 8, 0),
+              ncc.derive_seed("exp1", "ResNet", "SGD", 16, 0)}
+    assert a not in others and len(others) == 5
+
+
+def test_log_spaced_epochs_are_dense_early_and_at_least_60():
+    grid = ncc.log_spaced_epochs(15000, 60)
+    assert len(grid) >= 60 and grid[0] == 1 and grid[-1] == 15000
+    assert all(b > a for a, b in zip(grid, grid[1:]))
+    assert grid[:10] == list(range(1, 11))  # every early epoch
+    assert ncc.log_spaced_epochs(7, 60) == list(range(1, 8))
+
+
+def test_stratified_subset_keeps_exactly_the_noise_fraction(data_cache):
+    d = ncc.get_data(cache_path=data_cache)
+    idx = ncc.stratified_subset(d["noise_mask"].numpy(), 1000, 42)
+    assert len(np.unique(idx)) == 1000
+    assert d["noise_mask"].numpy()[idx].sum() == 200
+
+
+def test_training_is_deterministic_and_changes_the_weights(tiny):
+    data = ncc.experiment_data(torch.device("cpu"))
+    models = []
+    for _ in range(2):
+        model = ncc.make_model("CNN", 3, seed=5)
+        ncc.train_model(model, data, "SGD", 2, seed=5)
+        models.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert torch.equal(models[0], models[1])
+    init = torch.cat([p.flatten() for p in ncc.make_model("CNN", 3, seed=5).parameters()])
+    assert not torch.equal(init, models[0])
+
+
+def test_cosine_schedule_anneals_sgd_to_zero():
+    model = ncc.ResNet1D(2)
+    opt, scheduler = ncc.make_optimizer(model, "SGD", 10)
+    for _ in range(10):
+        opt.step()
+        scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    adam, none = ncc.make_optimizer(model, "Adam", 10)
+    assert none is None and adam.param_groups[0]["lr"] == ncc.ADAM_LR
+
+
+def test_diverging_model_is_recorded_and_the_sweep_goes_on(tiny, monkeypatch):
+    monkeypatch.setattr(ncc, "SGD_LR", 1e30)
+    out = ncc.run_model_wise_complete(epochs=2, widths=[2, 3], archs=("ResNet",),
+                                      optimizers=("SGD", "Adam"), log=None)
+    assert out["ResNet_SGD"]["diverged"] == [True, True]
+    assert all(math.isnan(v) for v in out["ResNet_SGD"]["test_err"])
+    assert out["ResNet_Adam"]["diverged"] == [False, False]
+    assert all(0 <= v <= 1 for v in out["ResNet_Adam"]["test_err"])
+
+
+def test_exp1_driver_alone_returns_the_spec_structure(tiny):
+    out = ncc.run_model_wise_complete(epochs=1, widths=[2, 3], log=None)
+    assert set(out) == {"ResNet_SGD", "ResNet_Adam", "CNN_SGD", "CNN_Adam"}
+    series = out["CNN_Adam"]
+    assert series["width"] == [2, 3]
+    assert series["params"] == [21 * w * w + 35 * w for w in (2, 3)]
+    for key in ("train_err", "test_err", "nc1", "nc1_pinv", "nc2", "nc3", "nc4"):
+        assert len(series[key]) == 2
+    assert set(series["nc_test"]) >= {"nc1", "nc2", "nc3", "nc4"}
+    json.dumps(out)
+
+
+def test_exp2_exp3_exp4_drivers_alone(tiny):
+    exp2 = ncc.run_epoch_wise_dynamics(epochs=5, widths={"critical": 2, "large": 3}, log=None)
+    assert exp2["critical"]["width"] == 2 and exp2["large"]["epoch"] == [1, 2, 3, 4, 5]
+    assert len(exp2["large"]["nc1"]) == 5
+    exp3 = ncc.run_generalized_nc(epochs=1, dims=[2, 9], width=3, log=None)
+    assert exp3["d"] == [2, 9] and len(exp3["nc2"]) == 2
+    exp4 = ncc.run_cka_experiment(epochs=3, small_width=2, large_width=3, width=2,
+                                  seeds=[1, 2, 3], drift_epochs=[1, 3, 50], log=None)
+    assert exp4["layers"] == ["L0", "L1", "L2", "L3"]
+    assert np.array(exp4["cross_arch"]).shape == (4, 4)
+    assert exp4["epochs"] == [1, 3]  # drift epochs past the run are dropped
+    assert all(v == pytest.approx(1.0) for v in (exp4["drift"][l][0] for l in exp4["layers"]))
+    assert exp4["seed_pairs"] == [[1, 2], [1, 3], [2, 3]]
+    assert all(len(v) == 3 and all(0 <= c <= 1 for c in v) for v in exp4["cross_seed"].values())
+    json.dumps([exp2, exp3, exp4])
+
+
+def test_negative_epochs_or_empty_widths_are_refused(tiny):
+    with pytest.raises(ValueError, match="epochs"):
+        ncc.run_model_wise_complete(epochs=-1, log=None)
+    with pytest.raises(ValueError, match="widths"):
+        ncc.run_model_wise_complete(epochs=1, widths=[], log=None)
+
+
+def test_records_are_reused_and_a_changed_hyperparameter_retrains(tiny, monkeypatch):
+    lines = []
+    records = str(tiny / "records")
+    kwargs = dict(epochs=1, widths=[2], archs=("ResNet",), optimizers=("SGD",),
+                  records_dir=records, log=lines.append)
+    first = ncc.run_model_wise_complete(**kwargs)
+    second = ncc.run_model_wise_complete(**kwargs)
+    assert "cached" not in lines[0] and "cached" in lines[1]
+    assert first["ResNet_SGD"]["test_err"] == second["ResNet_SGD"]["test_err"]
+    monkeypatch.setattr(ncc, "SGD_WEIGHT_DECAY", 1e-3)
+    ncc.run_model_wise_complete(**kwargs)
+    assert "cached" not in lines[2]
+
+
+def test_check_setting_types_and_ranges():
+    assert ncc.check_setting("WIDTHS", [2, 8]) == [2, 8]
+    assert ncc.check_setting("SGD_LR", 1) == 1.0
+    assert ncc.check_setting("TRAIN_SUBSET", None) is None
+    for name, value in [("WIDTHS", []), ("WIDTHS", "abc"), ("WIDTHS", [2, 0]),
+                        ("EPOCHS_CKA", -5), ("EPOCHS_CKA", 2.5), ("EPOCHS_CKA", True),
+                        ("LABEL_NOISE", 1.5), ("SGD_LR", 0), ("NO_SUCH", 1),
+                        ("EPOCH_WISE_WIDTHS", {"a": "b"}), ("NUM_CLASSES", 5)]:
+        with pytest.raises(ValueError):
+            ncc.check_setting(name, value)
