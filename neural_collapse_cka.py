@@ -148,12 +148,18 @@ def _load_cache(path, shapes):
     return arrays, None
 
 
-def _atomic_write_npz(path, arrays):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz.tmp")
+def write_atomic(path, write):
+    """The one writer of files: `write(f)` fills a temporary file beside `path`, which then
+    replaces `path` in one rename, so a reader never sees a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -181,7 +187,7 @@ def load_mnist1d(cache_path=None):
               "x_test": dataset["x_test"].astype(np.float32),
               "y_test": dataset["y_test"].astype(np.int64)}
     try:
-        _atomic_write_npz(path, arrays)
+        write_atomic(path, lambda f: np.savez(f, **arrays))
     except OSError as e:  # a read-only checkout still works, just without a cache
         warnings.warn(f"could not write the MNIST-1D cache {path}: {e}")
     return arrays
@@ -562,22 +568,6 @@ def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpo
 #    skips it; each driver returns a plain JSON-serialisable dict.
 # ----------------------------------------------------------------------------------------
 LAYERS = ["L0", "L1", "L2", "L3"]
-
-
-def write_atomic(path, write):
-    """The one writer of files: `write(f)` fills a temporary file beside `path`, which then
-    replaces `path` in one rename, so a reader never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _json_ready(obj):
@@ -1008,9 +998,11 @@ def _plot_exp4(ax_a, ax_b, ax_c, exp4):
     ax_a.set_xlabel(f"Large model (w={exp4.get('large_width', '?')})")
     ax_a.set_ylabel(f"Small model (w={exp4.get('small_width', '?')})")
     ax_a.set_title(titles[0])
-    for layer, color in zip(layers, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+    # distinct line styles: with pooled conv activations a ResNet's L2 and L3 coincide
+    for layer, color, style in zip(layers, ["tab:blue", "tab:orange", "tab:green", "tab:red"],
+                                   ["-", "-", "-", (0, (4, 3))]):
         ax_b.plot(exp4["epochs"], _values(exp4["drift"][layer]), marker="o", ms=3,
-                  color=color, label=layer)
+                  color=color, ls=style, lw=2 if layer == layers[2] else 1.3, label=layer)
     ax_b.set_xscale("log")
     ax_b.set_ylim(0, 1.05)
     ax_b.set_xlabel("Epoch")
@@ -1028,19 +1020,24 @@ def _plot_exp4(ax_a, ax_b, ax_c, exp4):
 def _run_summary(results):
     config, env = results.get("config", {}), results.get("env", {})
     walls = env.get("wall_seconds", {})
-    run = [f"{e}" for e in ("exp1", "exp2", "exp3", "exp4") if results.get(e)]
-    lines = [f"Preset: {config.get('preset', '?')}",
-             f"Device: {env.get('device', '?')} ({env.get('device_name', '')})",
-             f"Seed: {config.get('SEED', '?')}, label noise {config.get('LABEL_NOISE', '?')}",
-             f"Training samples: {config.get('TRAIN_SUBSET') or 4000}",
-             f"Epochs: Exp1 {config.get('EPOCHS_MODEL_WISE')}, Exp2 "
-             f"{config.get('EPOCHS_EPOCH_WISE')}, Exp3 {config.get('EPOCHS_GEN_NC')}, "
-             f"Exp4 {config.get('EPOCHS_CKA')}",
-             f"SGD lr {config.get('SGD_LR')} (cosine), Adam lr {config.get('ADAM_LR')}",
-             f"CKA seeds: {config.get('CKA_SEEDS')}",
-             f"Experiments run: {', '.join(run) or 'none'}",
-             "Wall time: " + ", ".join(f"{k} {_duration(v)}" for k, v in walls.items()),
-             f"torch {env.get('torch', '?')}, {env.get('started', '')}"]
+    run = [e for e in ("exp1", "exp2", "exp3", "exp4") if results.get(e)]
+    lines = [f"Preset        {config.get('preset', '?')}",
+             f"Device        {env.get('device', '?')}",
+             f"              {str(env.get('device_name', ''))[:28]}",
+             f"Seed          {config.get('SEED', '?')}",
+             f"Label noise   {config.get('LABEL_NOISE', '?')}",
+             f"Train samples {config.get('TRAIN_SUBSET') or 4000}",
+             f"Epochs        Exp1 {config.get('EPOCHS_MODEL_WISE')}, "
+             f"Exp2 {config.get('EPOCHS_EPOCH_WISE')}",
+             f"              Exp3 {config.get('EPOCHS_GEN_NC')}, Exp4 {config.get('EPOCHS_CKA')}",
+             f"SGD lr        {config.get('SGD_LR')} (cosine to 0)",
+             f"Adam lr       {config.get('ADAM_LR')} (constant)",
+             f"CKA seeds     {config.get('CKA_SEEDS')}",
+             f"Run           {', '.join(run) or 'none'}",
+             *[f"{'Wall time' if i == 0 else '':<14}{k} {_duration(v)}"
+               for i, (k, v) in enumerate(walls.items())],
+             f"torch {env.get('torch', '?')}",
+             f"{env.get('started', '')}"]
     return "\n".join(lines)
 
 
@@ -1059,8 +1056,8 @@ def plot_results(results, path):
     info = axes[2, 3]
     info.axis("off")
     info.set_title("This run")
-    info.text(0.0, 0.95, _run_summary(results), va="top", ha="left", fontsize=10,
-              family="monospace", transform=info.transAxes, wrap=True)
+    info.text(0.0, 1.0, _run_summary(results), va="top", ha="left", fontsize=9.5,
+              family="monospace", transform=info.transAxes)
     for ax in axes.flat:
         ax.grid(alpha=0.3) if ax.axison and ax is not axes[2, 0] else None
     fig.suptitle("Double descent, neural collapse and CKA on MNIST-1D with "
