@@ -1262,7 +1262,12 @@ def _writable_dir(path):
         raise ValueError(f"--out {path!r} is not a writable folder ({e.strerror})")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
 def main(argv=None):
+    warnings.formatwarning = _one_line_warning  # on the command line, a warning is one line
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -161,3 +161,20 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir):
     ref = json.loads((tmp_path / "ref" / f"{NAME}.json").read_text())
     again = json.loads((out / f"{NAME}.json").read_text())
     assert numbers_only(again) == numbers_only(ref)
+
+
+def test_corrupt_cache_gives_a_one_line_warning_and_the_run_goes_on(tmp_path):
+    data = tmp_path / "data"
+    first = cli("--preset", "smoke", "--experiments", "3", "--out", str(tmp_path / "a"),
+                data_dir=str(data))
+    assert first.returncode == 0 and first.stderr == ""
+    (cache,) = data.glob("mnist1d_*.npz")
+    cache.write_bytes(cache.read_bytes()[:1000])  # truncated
+    second = cli("--preset", "smoke", "--experiments", "3", "--out", str(tmp_path / "b"),
+                 data_dir=str(data))
+    assert second.returncode == 0
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "regenerating" in lines[0]
+    a = json.loads((tmp_path / "a" / f"{NAME}.json").read_text())["exp3"]
+    b = json.loads((tmp_path / "b" / f"{NAME}.json").read_text())["exp3"]
+    assert a["nc1"] == b["nc1"]  # the regenerated data is the same data
