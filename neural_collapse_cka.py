@@ -48,6 +48,7 @@ SGD_MOMENTUM = 0.9
 SGD_WEIGHT_DECAY = 5e-4
 ADAM_LR = 1e-3                 # Adam, constant learning rate
 ADAM_WEIGHT_DECAY = 1e-4
+FUSED = True                   # train models of one architecture side by side (FusedModels)
 
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
@@ -528,38 +529,146 @@ def evaluate(model, data):
     return out
 
 
-def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpoint=None):
-    """Train on (x_train, y_train) with batch BATCH_SIZE, reshuffled each epoch by the model's
-    own generator. `on_checkpoint(model, epoch)` is called after each epoch in
-    `checkpoints` (the model in eval mode). Returns {epochs_run, train_loss, diverged}."""
+def _block_slice(g, rows_per_model, shape):
+    """Model g's block of a fused conv or BatchNorm tensor: its rows, then its own extent."""
+    start = g * rows_per_model
+    return (slice(start, start + shape[0]),) + tuple(slice(0, n) for n in shape[1:])
+
+
+class FusedModels(nn.Module):
+    """G models of one architecture as one network: every convolution is grouped (one group
+    per model) and every BatchNorm channel belongs to one model, so the models stay exactly
+    independent; linear layers are batched matrix products. Narrower models are zero-padded
+    to the widest: padded weights and padded BatchNorm affine parameters start at 0, so the
+    padded activations are 0, their gradients are exactly 0, and weight decay, momentum and
+    Adam (0 / (sqrt(0) + eps) = 0) keep them at 0.
+
+    Input (B, G, L): model g sees x[:, g]. Output logits (B, G, K)."""
+
+    def __init__(self, models):
+        super().__init__()
+        self.arch = "ResNet" if isinstance(models[0], ResNet1D) else "CNN"
+        self.size = len(models)
+        self.names = []
+        for name, _ in models[0].state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            tensors = [m.state_dict()[name] for m in models]
+            shape = [max(t.shape[i] for t in tensors) for i in range(tensors[0].dim())]
+            if len(shape) == 2:    # linear: (G, out, in)
+                fused = torch.zeros([self.size] + shape)
+                for g, t in enumerate(tensors):
+                    fused[g, :t.shape[0], :t.shape[1]] = t
+            else:                  # conv (G*out, in, k) or BatchNorm (G*channels)
+                fused = torch.zeros([self.size * shape[0]] + shape[1:])
+                if name.endswith("running_var"):
+                    fused.fill_(1.0)
+                for g, t in enumerate(tensors):
+                    fused[_block_slice(g, shape[0], t.shape)] = t
+            key = name.replace(".", "_")
+            if "running_" in name:
+                self.register_buffer(key, fused)
+            else:
+                self.register_parameter(key, nn.Parameter(fused))
+            self.names.append(name)
+
+    def _conv(self, x, name):
+        return F.conv1d(x, getattr(self, name.replace(".", "_") + "_weight"), padding=1,
+                        groups=self.size)
+
+    def _bn(self, x, name):
+        key = name.replace(".", "_")
+        return F.batch_norm(x, getattr(self, key + "_running_mean"),
+                            getattr(self, key + "_running_var"), getattr(self, key + "_weight"),
+                            getattr(self, key + "_bias"), training=self.training)
+
+    def _block(self, x, name):
+        out = F.relu(self._bn(self._conv(x, name + ".conv1"), name + ".bn1"))
+        return F.relu(x + self._bn(self._conv(out, name + ".conv2"), name + ".bn2"))
+
+    def forward(self, x):
+        if self.arch == "ResNet":
+            out = F.relu(self._bn(self._conv(x, "stem.0"), "stem.1"))
+            out = self._block(self._block(out, "block1"), "block2")
+        else:
+            out = x
+            for name, pooled in [("block1.0", True), ("block2.0", True), ("block3", False),
+                                 ("block4", False)]:
+                out = F.relu(self._bn(self._conv(out, name + ".0"), name + ".1"))
+                out = F.max_pool1d(out, 2) if pooled else out
+        h = out.mean(dim=2).view(len(x), self.size, -1)
+        if hasattr(self, "projector_weight"):
+            h = torch.einsum("bgw,gdw->bgd", h, self.projector_weight)
+        return torch.einsum("bgd,gkd->bgk", h, self.classifier_weight)
+
+    @torch.no_grad()
+    def copy_into(self, g, model):
+        """Write model g's slice of the fused weights back into an ordinary `model`."""
+        state = model.state_dict()
+        for name in self.names:
+            fused, target = getattr(self, name.replace(".", "_")), state[name]
+            if target.dim() == 2:  # linear
+                target.copy_(fused[g, :target.shape[0], :target.shape[1]])
+            else:
+                target.copy_(fused[_block_slice(g, fused.shape[0] // self.size, target.shape)])
+        return model
+
+
+def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_checkpoint=None):
+    """Train G models of one architecture side by side on (x_train, y_train): batch
+    BATCH_SIZE, each model reshuffled every epoch by its own generator seeded with its own
+    seed. The loss is the sum over models of each model's mean batch loss (a mean over
+    models would shrink every gradient by G); one optimizer over the fused parameters,
+    whose updates are elementwise, so each model trains exactly as it would alone.
+
+    `on_checkpoint(g, model, epoch)` is called after each epoch in `checkpoints` with model g
+    (in eval mode). A model whose epoch loss is NaN or infinite is marked diverged and
+    leaves the loss. The trained weights are written back into `models`. Returns one
+    {epochs_run, train_loss, diverged} per model."""
     x, y = data["x_train"], data["y_train"]
-    device = x.device
-    model.to(device).train()
-    opt, scheduler = make_optimizer(model, optimizer, epochs)
-    order = torch.Generator(device=device).manual_seed(seed)
-    n = len(y)
+    device, n, size = x.device, len(y), len(models)
+    fused = FusedModels(models).to(device).train()
+    opt, scheduler = make_optimizer(fused, optimizer, epochs)
+    orders = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    alive = torch.ones(size, dtype=torch.bool, device=device)
+    out = [{"epochs_run": epochs, "train_loss": float("nan"), "diverged": False}
+           for _ in models]
     checkpoints = set(checkpoints)
-    train_loss = float("nan")
     for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=order, device=device)
-        loss_sum = torch.zeros((), device=device)
+        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in orders])
+        loss_sums = torch.zeros(size, device=device)
         for start in range(0, n, BATCH_SIZE):
-            idx = perm[start:start + BATCH_SIZE]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            idx = perms[:, start:start + BATCH_SIZE]                     # (G, B)
+            logits = fused(x[idx].transpose(0, 1))                       # (B, G, K)
+            per_model = F.cross_entropy(logits.permute(0, 2, 1), y[idx].T,
+                                        reduction="none").mean(0)        # (G,)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.where(alive, per_model, 0.0).sum().backward()
             opt.step()
-            loss_sum += loss.detach() * len(idx)
+            loss_sums += per_model.detach() * idx.shape[1]
         if scheduler is not None:
             scheduler.step()
-        train_loss = float(loss_sum) / n  # one host sync per epoch
-        if not np.isfinite(train_loss):
-            return {"epochs_run": epoch, "train_loss": train_loss, "diverged": True}
+        epoch_losses = (loss_sums / n).tolist()  # one host sync per epoch
+        for g, loss in enumerate(epoch_losses):
+            if not out[g]["diverged"]:
+                out[g]["train_loss"] = loss
+                if not np.isfinite(loss):
+                    out[g].update(epochs_run=epoch, diverged=True)
+                    alive[g] = False
         if epoch in checkpoints and on_checkpoint is not None:
-            model.eval()
-            on_checkpoint(model, epoch)
-            model.train()
-    return {"epochs_run": epochs, "train_loss": train_loss, "diverged": False}
+            for g, model in enumerate(models):
+                on_checkpoint(g, fused.copy_into(g, model).to(device).eval(), epoch)
+        if not alive.any():
+            break
+    for g, model in enumerate(models):
+        fused.copy_into(g, model).to(device)
+    return out
+
+
+def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpoint=None):
+    """One model: `train_models` with G = 1. `on_checkpoint(model, epoch)`."""
+    callback = None if on_checkpoint is None else (lambda g, m, e: on_checkpoint(m, e))
+    return train_models([model], data, optimizer, epochs, [seed], checkpoints, callback)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -643,49 +752,86 @@ class ModelRuns:
                             f"{spec['arch']}_{spec['optimizer']}_w{spec['width']}_{self.key(spec)}")
         return stem + ".json", stem + ".pt"
 
-    def run(self, spec, checkpoints=(), measure=None, keep_model=False):
-        """Train the model of `spec` (or reuse its record). `measure(model, epoch)` is called at
-        each checkpoint epoch and its dicts are kept in record["checkpoints"]. With
-        keep_model, the trained model is returned alongside the record."""
-        seed = spec.get("seed", derive_seed(self.experiment, spec["arch"], spec["optimizer"],
-                                            spec.get("d") or spec["width"], spec.get("replicate", 0)))
-        json_path, weights_path = self._paths(spec) if self.records_dir else (None, None)
-        cost = self.cost(spec)
-        if json_path and os.path.exists(json_path):
-            with open(json_path) as f:
-                record = json.load(f)
-            model = None
-            if keep_model:
-                model = make_model(spec["arch"], spec["width"], seed, spec.get("d"))
-                model.load_state_dict(torch.load(weights_path, weights_only=True))
-                model.to(self.data["x_train"].device).eval()
-            self._report(spec, record, cost, cached=True)
-            return (record, model) if keep_model else record
+    def seed(self, spec):
+        return spec.get("seed", derive_seed(self.experiment, spec["arch"], spec["optimizer"],
+                                            spec.get("d") or spec["width"],
+                                            spec.get("replicate", 0)))
+
+    def groups(self, specs):
+        """Which models train side by side (`FusedModels`): same architecture, optimizer,
+        epochs and checkpoints. On a GPU, where a step costs its kernel launches, models of
+        every width go together (the narrower zero-padded); on a CPU, where a step costs
+        its arithmetic, only models of one width do."""
+        if not FUSED:
+            return [[spec] for spec in specs]
+        by_key = {}
+        for spec in specs:
+            key = (spec["arch"], spec["optimizer"], spec["epochs"], "d" in spec,
+                   tuple(spec.get("checkpoints", ())))
+            if self.data["x_train"].device.type == "cpu":
+                key += (spec["width"],)
+            by_key.setdefault(key, []).append(spec)
+        return list(by_key.values())
+
+    def run_many(self, specs, measure=None, keep_models=False):
+        """Records of the models of `specs`, in order: loaded when an earlier run finished
+        them, else trained (fused in `groups`). `measure(spec, model, epoch)` is called at
+        the epochs in spec["checkpoints"]; its dicts are kept in record["checkpoints"].
+        With keep_models, returns (records, trained models)."""
+        done = {}
+        for i, spec in enumerate(specs):
+            json_path, weights_path = self._paths(spec) if self.records_dir else (None, None)
+            if json_path and os.path.exists(json_path):
+                with open(json_path) as f:
+                    record = json.load(f)
+                model = None
+                if keep_models:
+                    model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
+                    model.load_state_dict(torch.load(weights_path, weights_only=True))
+                    model.to(self.data["x_train"].device).eval()
+                done[i] = (record, model)
+                self._report(spec, record, self.cost(spec), cached=True)
+        todo = [spec for i, spec in enumerate(specs) if i not in done]
+        for group in self.groups(todo):
+            for spec, result in zip(group, self._train_group(group, measure)):
+                done[next(i for i, s in enumerate(specs) if s is spec)] = result
+        records = [done[i][0] for i in range(len(specs))]
+        return (records, [done[i][1] for i in range(len(specs))]) if keep_models else records
+
+    def _train_group(self, group, measure):
         start = time.time()
-        model = make_model(spec["arch"], spec["width"], seed, spec.get("d"))
-        measured = []
-        trained = train_model(model, self.data, spec["optimizer"], spec["epochs"], seed,
-                              checkpoints, lambda m, e: measured.append(measure(m, e)))
-        if trained["diverged"]:
-            nan_nc = dict.fromkeys(["nc1", "nc1_pinv", "nc2", "nc2_equinorm",
-                                    "nc2_equiangle", "nc3", "nc4"], float("nan"))
-            scores = {"train_err": float("nan"), "test_err": float("nan"),
-                      "train_loss": float("nan"), "test_loss": float("nan"),
-                      "nc_train": nan_nc, "nc_test": dict(nan_nc)}
-        else:
-            scores = evaluate(model, self.data)
-        record = {**spec, "seed": seed, "params": count_parameters(model), **trained, **scores,
-                  "checkpoints": measured, "seconds": time.time() - start}
-        if json_path:
-            state = {k: v.cpu() for k, v in model.state_dict().items()}
-            write_atomic(weights_path, lambda f: torch.save(state, f))
-            save_json(json_path, record)  # written last: its presence marks the model done
-            record = json.loads(json.dumps(_json_ready(record)))  # same form as when loaded
-        self.train_seconds += record["seconds"]
-        self.trained_cost += cost
-        self._report(spec, record, cost, cached=False)
-        model.eval()
-        return (record, model) if keep_model else record
+        seeds = [self.seed(spec) for spec in group]
+        models = [make_model(s["arch"], s["width"], seed, s.get("d"))
+                  for s, seed in zip(group, seeds)]
+        measured = [[] for _ in group]
+        trained = train_models(models, self.data, group[0]["optimizer"], group[0]["epochs"],
+                               seeds, group[0].get("checkpoints", ()),
+                               lambda g, m, e: measured[g].append(measure(group[g], m, e)))
+        seconds = (time.time() - start) / len(group)  # wall time shared by a fused group
+        results = []
+        for spec, seed, model, fit, curve in zip(group, seeds, models, trained, measured):
+            if fit["diverged"]:
+                nan_nc = dict.fromkeys(["nc1", "nc1_pinv", "nc2", "nc2_equinorm",
+                                        "nc2_equiangle", "nc3", "nc4"], float("nan"))
+                scores = {"train_err": float("nan"), "test_err": float("nan"),
+                          "train_loss": float("nan"), "test_loss": float("nan"),
+                          "nc_train": nan_nc, "nc_test": dict(nan_nc)}
+            else:
+                scores = evaluate(model, self.data)
+            record = {**spec, "seed": seed, "params": count_parameters(model), **fit,
+                      **scores, "checkpoints": curve, "seconds": seconds,
+                      "trained_with": len(group)}
+            if self.records_dir:
+                json_path, weights_path = self._paths(spec)
+                state = {k: v.cpu() for k, v in model.state_dict().items()}
+                write_atomic(weights_path, lambda f: torch.save(state, f))
+                save_json(json_path, record)  # written last: its presence marks it done
+            record = json.loads(json.dumps(_json_ready(record)))  # as when loaded
+            self.train_seconds += seconds
+            self.trained_cost += self.cost(spec)
+            self._report(spec, record, self.cost(spec), cached=False)
+            results.append((record, model.eval()))
+        return results
 
     def _report(self, spec, record, cost, cached):
         self.count += 1
@@ -747,7 +893,7 @@ def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
     specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs}
              for a in archs for o in optimizers for w in widths]
     runs = ModelRuns("exp1", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
-    records = [runs.run(s) for s in specs]
+    records = runs.run_many(specs)
     out = {}
     for arch in archs:
         for opt in optimizers:
@@ -785,14 +931,15 @@ def run_epoch_wise_dynamics(epochs=None, widths=None, device=None, records_dir=N
                     "checkpoints": grid} for name, w in widths.items()}
     runs = ModelRuns("exp2", data, records_dir, log, sum(map(ModelRuns.cost, specs.values())))
 
-    def measure(model, epoch):
+    def measure(spec, model, epoch):
         scores = evaluate(model, data)
         return {"epoch": epoch, "train_err": scores["train_err"],
                 "test_err": scores["test_err"], "nc1": scores["nc_train"]["nc1"]}
 
+    records = runs.run_many(list(specs.values()), measure)
     out = {}
-    for name, spec in specs.items():
-        curve = runs.run(spec, grid, measure)["checkpoints"]
+    for (name, spec), record in zip(specs.items(), records):
+        curve = record["checkpoints"]
         out[name] = {"width": spec["width"], **{k: [c[k] for c in curve] for k in
                                                 ("epoch", "test_err", "train_err", "nc1")}}
     return out
@@ -809,7 +956,7 @@ def run_generalized_nc(epochs=None, dims=None, width=None, device=None, records_
     specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs}
              for d in dims]
     runs = ModelRuns("exp3", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
-    records = [runs.run(s) for s in specs]
+    records = runs.run_many(specs)
     return {"width": width, "d": dims, **_nc_columns(records),
             **{k: [r[k] for r in records] for k in ("train_err", "test_err", "diverged")},
             "nc_test": _nc_columns(records, "nc_test"), "epochs": epochs}
@@ -859,15 +1006,14 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
 
     reference = {}
 
-    def measure_drift(model, epoch):
+    def measure_drift(spec, model, epoch):
         reps = layer_representations(model, x_cka)
         reference.setdefault("reps", reps)  # the first checkpoint is epoch 1
         return {"epoch": epoch, **{layer: linear_CKA(r, r1) for layer, r, r1
                                    in zip(LAYERS, reps, reference["reps"])}}
 
     models = {}
-    for spec in specs:
-        record, model = runs.run(spec, spec.get("checkpoints", ()), measure_drift, keep_model=True)
+    for spec, record, model in zip(specs, *runs.run_many(specs, measure_drift, keep_models=True)):
         models[(spec["width"], spec.get("seed"))] = (record, layer_representations(model, x_cka))
     small_reps, large_reps = models[(small, None)][1], models[(large, None)][1]
     drift_curve = models[(width, seeds[0])][0]["checkpoints"]

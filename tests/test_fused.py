@@ -1,0 +1,118 @@
+"""Fused multi-model training (FusedModels, train_models) against plain PyTorch training of
+each model alone, written here independently."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neural_collapse_cka as ncc
+
+
+def plain_training(model, x, y, optimizer, seed, steps):
+    """Textbook loop: nn.Module, torch.optim, the model's own shuffled order."""
+    if optimizer == "SGD":
+        opt = torch.optim.SGD(model.parameters(), lr=ncc.SGD_LR, momentum=ncc.SGD_MOMENTUM,
+                              weight_decay=ncc.SGD_WEIGHT_DECAY)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=ncc.ADAM_LR,
+                               weight_decay=ncc.ADAM_WEIGHT_DECAY)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    model.train()
+    for step in range(steps):
+        idx = perm[step * ncc.BATCH_SIZE:(step + 1) * ncc.BATCH_SIZE]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def make(arch, width, seed, d=None):
+    return ncc.make_model(arch, width, seed, d)
+
+
+CASES = [("ResNet", [2, 5, 8], None), ("CNN", [3, 6], None), ("ResNet", [4, 4, 6], [2, 9, 5])]
+
+
+@pytest.fixture(params=[torch.float64, torch.float32], ids=["float64", "float32"])
+def dtype(request):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(request.param)
+    yield request.param
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+@pytest.mark.parametrize("arch, widths, dims", CASES)
+def test_fused_equals_one_by_one_after_five_steps(arch, widths, dims, optimizer, dtype):
+    # float64 shows the two are the same computation (they agree to ~1e-15); in float32
+    # the grouped kernels round differently, and Adam, which divides each gradient by its
+    # running RMS, magnifies that on near-zero gradients (up to 3e-5 seen for CNN + Adam).
+    tolerance = 1e-10 if dtype == torch.float64 else (1e-4 if optimizer == "Adam" else 1e-5)
+    gen = torch.Generator().manual_seed(0)
+    n = 5 * ncc.BATCH_SIZE  # one epoch = 5 steps
+    data = {"x_train": torch.randn(n, 40, generator=gen),
+            "y_train": torch.randint(0, 10, (n,), generator=gen)}
+    dims = dims or [None] * len(widths)
+    seeds = [11 * (i + 1) for i in range(len(widths))]
+    fused = [make(arch, w, s, d) for w, s, d in zip(widths, seeds, dims)]
+    ncc.train_models(fused, data, optimizer, 1, seeds)
+    for model, w, s, d in zip(fused, widths, seeds, dims):
+        alone = plain_training(make(arch, w, s, d), data["x_train"], data["y_train"],
+                               optimizer, s, 5)
+        for (name, a), b in zip(alone.state_dict().items(), model.state_dict().values()):
+            if name.endswith("num_batches_tracked"):
+                continue
+            assert torch.allclose(a, b, atol=tolerance, rtol=0), (arch, w, name,
+                                                             (a - b).abs().max())
+
+
+def test_zero_padding_stays_exactly_zero():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(256, 40, generator=gen), torch.randint(0, 10, (256,), generator=gen)
+    models = [make("CNN", w, w) for w in (2, 5)]
+    fused = ncc.FusedModels(models)
+    # where the real weights live: a fused copy of models whose every entry is 1
+    ones = [make("CNN", w, 0) for w in (2, 5)]
+    for m in ones:
+        for t in m.state_dict().values():
+            t.fill_(1)
+    real = {k: v != 0 for k, v in ncc.FusedModels(ones).named_parameters()}
+    opt = torch.optim.Adam(fused.parameters(), lr=0.01, weight_decay=1e-4)
+    for _ in range(5):
+        idx = torch.randint(0, 256, (2, 64), generator=gen)
+        loss = F.cross_entropy(fused(x[idx].transpose(0, 1)).permute(0, 2, 1), y[idx].T)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in fused.named_parameters():
+        assert (p[~real[name]] == 0).all(), name
+        assert (p[real[name]] != 0).any(), name
+
+
+def test_fused_training_gives_the_same_test_errors(data_cache):
+    data = ncc.get_data(cache_path=data_cache)
+    data["x_train"], data["y_train"] = data["x_train"][:512], data["y_train"][:512]
+    widths, seeds = [2, 6, 16], [1, 2, 3]
+    fused = [make("ResNet", w, s) for w, s in zip(widths, seeds)]
+    ncc.train_models(fused, data, "SGD", 8, seeds)
+    for model, w, s in zip(fused, widths, seeds):
+        alone = make("ResNet", w, s)
+        ncc.train_models([alone], data, "SGD", 8, [s])
+        assert abs(ncc.evaluate(model, data)["test_err"]
+                   - ncc.evaluate(alone, data)["test_err"]) <= 0.01
+
+
+def test_a_diverging_model_leaves_its_group_alone(monkeypatch):
+    gen = torch.Generator().manual_seed(2)
+    data = {"x_train": torch.randn(256, 40, generator=gen),
+            "y_train": torch.randint(0, 10, (256,), generator=gen)}
+    models = [make("ResNet", 3, 1), make("ResNet", 3, 2)]
+    with torch.no_grad():
+        models[0].classifier.weight.fill_(float("nan"))
+    out = ncc.train_models(models, data, "Adam", 3, [1, 2])
+    assert out[0]["diverged"] and out[0]["epochs_run"] == 1
+    assert not out[1]["diverged"]
+    alone = make("ResNet", 3, 2)
+    ncc.train_models([alone], data, "Adam", 3, [2])
+    for a, b in zip(alone.parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
