@@ -49,6 +49,7 @@ SGD_WEIGHT_DECAY = 5e-4
 ADAM_LR = 1e-3                 # Adam, constant learning rate
 ADAM_WEIGHT_DECAY = 1e-4
 FUSED = True                   # train models of one architecture side by side (FusedModels)
+WORKERS = 0                    # CPU worker processes; 0: one per core, at most 2 (GPU: 1)
 
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
@@ -792,13 +793,50 @@ class ModelRuns:
                 done[i] = (record, model)
                 self._report(spec, record, self.cost(spec), cached=True)
         todo = [spec for i, spec in enumerate(specs) if i not in done]
-        for group in self.groups(todo):
-            for spec, result in zip(group, self._train_group(group, measure)):
-                done[next(i for i, s in enumerate(specs) if s is spec)] = result
+        groups = sorted(self.groups(todo), key=lambda g: -sum(map(self.cost, g)))
+        index = {self.key(spec): i for i, spec in enumerate(specs)}
+        for group, fitted in self._fit_groups(groups, measure):
+            for spec, (record, model) in zip(group, fitted):
+                done[index[self.key(spec)]] = (self._store(spec, record, model), model)
         records = [done[i][0] for i in range(len(specs))]
         return (records, [done[i][1] for i in range(len(specs))]) if keep_models else records
 
-    def _train_group(self, group, measure):
+    def _fit_groups(self, groups, measure):
+        """(group, [(record, model), ...]) for every group, longest first. On a CPU with
+        WORKERS > 1, groups without checkpoints go to worker processes of one thread each
+        (small models cannot use two threads, two processes can use two cores) while this
+        process, also on one thread, trains those with checkpoints (their `measure` is a
+        closure over this process's state)."""
+        workers = WORKERS or (min(2, os.cpu_count() or 1)
+                              if self.data["x_train"].device.type == "cpu" else 1)
+        parallel = [g for g in groups if not g[0].get("checkpoints")]
+        if workers < 2 or len(parallel) < 2 or self.data["x_train"].device.type != "cpu":
+            for group in groups:
+                yield group, self._fit_group(group, measure)
+            return
+        import multiprocessing
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        context = multiprocessing.get_context("spawn")
+        try:
+            with context.Pool(workers, _worker_init, (hyperparameters(),)) as pool:
+                pending = pool.imap_unordered(_worker_fit, [(self.experiment, g) for g in parallel])
+                for group in groups:
+                    if group[0].get("checkpoints"):
+                        yield group, self._fit_group(group, measure)
+                for group, fitted in pending:
+                    yield group, [(record, self._rebuild(spec, state))
+                                  for spec, (record, state) in zip(group, fitted)]
+        finally:
+            torch.set_num_threads(threads)
+
+    def _rebuild(self, spec, state):
+        model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
+        model.load_state_dict(state)
+        return model.to(self.data["x_train"].device).eval()
+
+    def _fit_group(self, group, measure=None):
+        """Train one group; [(record, trained model)] without saving anything."""
         start = time.time()
         seeds = [self.seed(spec) for spec in group]
         models = [make_model(s["arch"], s["width"], seed, s.get("d"))
@@ -808,7 +846,7 @@ class ModelRuns:
                                seeds, group[0].get("checkpoints", ()),
                                lambda g, m, e: measured[g].append(measure(group[g], m, e)))
         seconds = (time.time() - start) / len(group)  # wall time shared by a fused group
-        results = []
+        fitted = []
         for spec, seed, model, fit, curve in zip(group, seeds, models, trained, measured):
             if fit["diverged"]:
                 nan_nc = dict.fromkeys(["nc1", "nc1_pinv", "nc2", "nc2_equinorm",
@@ -818,20 +856,24 @@ class ModelRuns:
                           "nc_train": nan_nc, "nc_test": dict(nan_nc)}
             else:
                 scores = evaluate(model, self.data)
-            record = {**spec, "seed": seed, "params": count_parameters(model), **fit,
-                      **scores, "checkpoints": curve, "seconds": seconds,
-                      "trained_with": len(group)}
-            if self.records_dir:
-                json_path, weights_path = self._paths(spec)
-                state = {k: v.cpu() for k, v in model.state_dict().items()}
-                write_atomic(weights_path, lambda f: torch.save(state, f))
-                save_json(json_path, record)  # written last: its presence marks it done
-            record = json.loads(json.dumps(_json_ready(record)))  # as when loaded
-            self.train_seconds += seconds
-            self.trained_cost += self.cost(spec)
-            self._report(spec, record, self.cost(spec), cached=False)
-            results.append((record, model.eval()))
-        return results
+            fitted.append(({**spec, "seed": seed, "params": count_parameters(model), **fit,
+                            **scores, "checkpoints": curve, "seconds": seconds,
+                            "trained_with": len(group)}, model.eval()))
+        return fitted
+
+    def _store(self, spec, record, model):
+        """Save a finished model's record and weights (when there is a records_dir), report
+        it, and return the record as it reads back from JSON."""
+        if self.records_dir:
+            json_path, weights_path = self._paths(spec)
+            state = {k: v.cpu() for k, v in model.state_dict().items()}
+            write_atomic(weights_path, lambda f: torch.save(state, f))
+            save_json(json_path, record)  # written last: its presence marks it done
+        record = json.loads(json.dumps(_json_ready(record)))
+        self.train_seconds += record["seconds"]
+        self.trained_cost += self.cost(spec)
+        self._report(spec, record, self.cost(spec), cached=False)
+        return record
 
     def _report(self, spec, record, cost, cached):
         self.count += 1
@@ -851,6 +893,20 @@ class ModelRuns:
         timing = "cached" if cached else f"{record['seconds']:.1f}s"
         self.log(f"[{self.experiment}] {what:<28} {status}  ({timing})  "
                  f"{self.count} done {eta}".rstrip())
+
+
+def _worker_init(settings):
+    torch.set_num_threads(1)
+    apply_settings(settings)
+
+
+def _worker_fit(job):
+    """In a worker process: train one group on the CPU; the records and weights go back to
+    the parent, which alone writes files and prints progress."""
+    experiment, group = job
+    runs = ModelRuns(experiment, experiment_data(torch.device("cpu")), log=None)
+    return group, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
+                   for record, model in runs._fit_group(group)]
 
 
 def _fmt(value):
@@ -1230,8 +1286,7 @@ _AT_LEAST_ONE = {"BATCH_SIZE", "EPOCH_WISE_POINTS", "GEN_NC_WIDTH", "CKA_SMALL_W
 
 def hyperparameters():
     """The current value of every hyperparameter global (what the results file records)."""
-    module = sys.modules[__name__]
-    return {name: getattr(module, name) for name in _HYPERPARAMETER_NAMES}
+    return {name: globals()[name] for name in _HYPERPARAMETER_NAMES}
 
 
 def check_setting(name, value):
@@ -1290,9 +1345,10 @@ def parse_setting(text):
 
 
 def apply_settings(settings):
-    module = sys.modules[__name__]
+    # globals() rather than sys.modules[__name__]: in a spawned worker of a script run as
+    # __main__, the two are different namespaces, and the functions read globals().
     for name, value in settings.items():
-        setattr(module, name, check_setting(name, value))
+        globals()[name] = check_setting(name, value)
 
 
 def environment(device):

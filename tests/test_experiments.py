@@ -137,3 +137,22 @@ def test_check_setting_types_and_ranges():
                         ("EPOCH_WISE_WIDTHS", {"a": "b"}), ("NUM_CLASSES", 5)]:
         with pytest.raises(ValueError):
             ncc.check_setting(name, value)
+
+
+def test_worker_processes_give_the_results_of_one_process(tiny, monkeypatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' thread count, so rounding is the same
+    try:
+        results = []
+        for workers in (2, 1):
+            monkeypatch.setattr(ncc, "WORKERS", workers)
+            lines = []
+            results.append(ncc.run_model_wise_complete(epochs=2, widths=[2, 3],
+                                                       archs=("CNN",), log=lines.append))
+            assert len(lines) == 4
+    finally:
+        torch.set_num_threads(threads)
+    for series in results:
+        for s in series.values():
+            s.pop("seconds")
+    assert results[0] == results[1]

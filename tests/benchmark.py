@@ -1,0 +1,88 @@
+"""Benchmark (not part of the pytest run): Exp 1's 44 models trained for N epochs two ways,
+in one run on one machine, printing model-epochs per second and their ratio.
+
+    plain: the way the published version of this study does it: one model at a time,
+           a torch DataLoader (batch 128, shuffled) over the training tensors.
+    ours:  this script's path: the whole dataset on the device, models grouped and trained
+           side by side by `train_models` (on a GPU every width of one architecture and
+           optimizer together; on a CPU models of equal width, in WORKERS processes).
+    Both evaluate every trained model (errors and NC metrics), as the experiments do.
+
+    python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...]
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import neural_collapse_cka as ncc  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain(specs, data, epochs, device):
+    x, y = data["x_train"].cpu(), data["y_train"].cpu()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                         batch_size=ncc.BATCH_SIZE, shuffle=True)
+    for spec in specs:
+        model = ncc.make_model(spec["arch"], spec["width"], 0).to(device).train()
+        opt, scheduler = ncc.make_optimizer(model, spec["optimizer"], epochs)
+        for _ in range(epochs):
+            for xb, yb in loader:
+                xb, yb = xb.to(device), yb.to(device)
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if scheduler is not None:
+                scheduler.step()
+        ncc.evaluate(model, data)  # errors and NC metrics, as every experiment does
+    sync(device)
+
+
+def ours(specs, data, epochs, device):
+    """What the drivers do: fused groups, longest first, CPU worker processes (training and
+    evaluation; nothing written)."""
+    runs = ncc.ModelRuns("benchmark", data, log=None)
+    groups = sorted(runs.groups(specs), key=lambda g: -sum(map(runs.cost, g)))
+    for _ in runs._fit_groups(groups, None):
+        pass
+    sync(device)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--widths", default=",".join(map(str, ncc.WIDTHS)))
+    args = p.parse_args()
+    device = ncc.resolve_device(args.device)
+    widths = [int(w) for w in args.widths.split(",")]
+    data = ncc.get_data(device=device)
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": args.epochs}
+             for a in ("ResNet", "CNN") for o in ("SGD", "Adam") for w in widths]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{len(specs)} models x {args.epochs} epochs on {device} ({name}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    # warm-up: allocator, kernels, oneDNN primitives
+    ours([{**s, "epochs": 1} for s in specs[:4]], data, 1, device)
+    rates = {}
+    for label, fn in [("plain (DataLoader, one at a time)", plain), ("ours (fused)", ours)]:
+        start = time.perf_counter()
+        fn(specs, data, args.epochs, device)
+        seconds = time.perf_counter() - start
+        rates[label] = len(specs) * args.epochs / seconds
+        print(f"{label:<36} {seconds:8.1f} s  {rates[label]:8.2f} model-epochs/s", flush=True)
+    values = list(rates.values())
+    print(f"speed-up: {values[1] / values[0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
