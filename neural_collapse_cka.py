@@ -785,11 +785,8 @@ class ModelRuns:
             if json_path and os.path.exists(json_path):
                 with open(json_path) as f:
                     record = json.load(f)
-                model = None
-                if keep_models:
-                    model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
-                    model.load_state_dict(torch.load(weights_path, weights_only=True))
-                    model.to(self.data["x_train"].device).eval()
+                model = (self._rebuild(spec, torch.load(weights_path, weights_only=True))
+                         if keep_models else None)
                 done[i] = (record, model)
                 self._report(spec, record, self.cost(spec), cached=True)
         todo = [spec for i, spec in enumerate(specs) if i not in done]
