@@ -19,6 +19,7 @@ References
 
 import argparse
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -418,6 +419,9 @@ def nc4_ncc_mismatch(h, means, classes, classifier_weight):
     return float(np.mean(network != nearest))
 
 
+NC_NAMES = ["nc1", "nc1_pinv", "nc2", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"]
+
+
 def nc_metrics(features, labels, classifier_weight, num_classes=NUM_CLASSES):
     """NC1-NC4 of penultimate features (n, d) with labels (n,) and classifier W (K, d).
 
@@ -437,9 +441,8 @@ def nc_metrics(features, labels, classifier_weight, num_classes=NUM_CLASSES):
         missing = sorted(set(range(num_classes)) - set(classes.tolist()))
         warnings.warn(f"nc_metrics: classes {missing} have no samples; metrics use the "
                       f"{len(classes)} classes present")
-    names = ["nc1", "nc1_pinv", "nc2", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"]
     if len(classes) < 2:
-        return {name: float("nan") for name in names}
+        return dict.fromkeys(NC_NAMES, float("nan"))
     w = w[classes]
     means = class_means(h, y, classes)
     centred_means = means - means.mean(axis=0)
@@ -728,6 +731,11 @@ def training_config():
             if name not in skip and not name.startswith("EPOCHS_")}
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_count(arch, width, feature_dim):
+    return count_parameters(make_model(arch, width, 0, feature_dim))
+
+
 class ModelRuns:
     """Trains models, or loads their records from `records_dir` when an earlier run of the
     same configuration finished them; prints one progress line per model with an ETA."""
@@ -740,8 +748,8 @@ class ModelRuns:
     @staticmethod
     def cost(spec):
         # Time per epoch is roughly overhead + parameters (measured on CPU and GPU alike).
-        params = count_parameters(make_model(spec["arch"], spec["width"], 0, spec.get("d")))
-        return spec["epochs"] * (params + 20_000)
+        return spec["epochs"] * (_parameter_count(spec["arch"], spec["width"], spec.get("d"))
+                                 + 20_000)
 
     def key(self, spec):
         blob = json.dumps({"model": spec, "config": training_config(),
@@ -846,8 +854,7 @@ class ModelRuns:
         fitted = []
         for spec, seed, model, fit, curve in zip(group, seeds, models, trained, measured):
             if fit["diverged"]:
-                nan_nc = dict.fromkeys(["nc1", "nc1_pinv", "nc2", "nc2_equinorm",
-                                        "nc2_equiangle", "nc3", "nc4"], float("nan"))
+                nan_nc = dict.fromkeys(NC_NAMES, float("nan"))
                 scores = {"train_err": float("nan"), "test_err": float("nan"),
                           "train_loss": float("nan"), "test_loss": float("nan"),
                           "nc_train": nan_nc, "nc_test": dict(nan_nc)}
@@ -929,8 +936,7 @@ def _check_int_list(name, values):
 
 
 def _nc_columns(records, split="nc_train"):
-    keys = ["nc1", "nc1_pinv", "nc2", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"]
-    return {key: [r[split][key] for r in records] for key in keys}
+    return {key: [r[split][key] for r in records] for key in NC_NAMES}
 
 
 def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
