@@ -5,8 +5,12 @@ One script, read top to bottom like a paper's appendix:
     1. hyperparameters (module-level globals; `--set NAME=VALUE` overrides any of them)
     2. data       MNIST-1D generated locally, cached as .npz, 20% symmetric label noise
     3. models     ResNet-1D(w) and CNN-1D(w), each exposing layers L0..L3
-    4. metrics    NC1-NC4 (Papyan, Han & Donoho, PNAS 2020) and linear CKA
-                  (Kornblith et al., ICML 2019), pure functions in float64
+    4. metrics    NC1-NC4 (Papyan, Han & Donoho, PNAS 2020), NC in every layer, linear and
+                  debiased CKA, power-law fits of weight spectra; pure functions in float64
+    5. training   one loop for every model, many models side by side (FusedModels)
+    6. experiments  the four run_* drivers; per-model records make a rerun resume
+    7. figures    the 3 x 4 composite, and the per-layer / weight-spectrum figure
+    8. command line
 
 References
     Papyan, Han & Donoho, "Prevalence of neural collapse during the terminal phase of deep
@@ -15,6 +19,14 @@ References
         revisited", ICML 2019.
     Nakkiran et al., "Deep double descent", ICLR 2020.
     Greydanus, "Scaling down deep learning" (MNIST-1D), 2020.
+    Rangamani, Lindegaard, Galanti & Poggio, "Feature learning in deep classifiers through
+        intermediate neural collapse", ICML 2023.
+    Song, Smola, Gretton, Bedo & Borgwardt, "Feature selection via dependence maximization",
+        JMLR 13, 2012 (the unbiased HSIC estimator).
+    Martin & Mahoney, "Implicit self-regularization in deep neural networks: evidence from
+        random matrix theory and implications for learning", JMLR 22, 2021.
+    Clauset, Shalizi & Newman, "Power-law distributions in empirical data", SIAM Review
+        51(4), 2009.
 """
 
 import argparse
@@ -42,6 +54,7 @@ LABEL_NOISE = 0.20             # fraction of training labels moved to a differen
 NUM_CLASSES = 10
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_SUBSET = None            # None: all 4000 training samples; an int: a stratified subset
+REPLICATES = 1                 # models per Exp 1-3 point, each with its own derived seed
 
 BATCH_SIZE = 128
 SGD_LR = 0.01                  # SGD with momentum, cosine-annealed to 0 over the run
@@ -71,6 +84,8 @@ CKA_WIDTH = 32
 CKA_DRIFT_EPOCHS = [1, 50, 200, 500, 1000, 2000]
 CKA_SEEDS = [42, 123, 456]
 CKA_SUBSET = 500               # fixed, seeded subset of training inputs for CKA
+CKA_ESTIMATOR = "linear"       # "linear" (Kornblith et al. 2019) or "debiased" (Song et al. 2012)
+CKA_CONV = "pool"              # conv activations (n, C, L): "pool" over L, or "flatten" to C*L
 
 # Metrics: Sigma_B is pseudo-inverted on its top min(K-1, d) eigenpairs, and of those only
 # eigenvalues above PINV_RTOL * (largest eigenvalue) are kept (see `nc1_pinv`).
@@ -84,14 +99,14 @@ FIGURE_DPI = 110
 PRESETS = {
     "full": {},
     "quick": {
-        "TRAIN_SUBSET": 1000, "SGD_LR": 0.05,
+        "TRAIN_SUBSET": 1000, "SGD_LR": 0.05, "REPLICATES": 2,
         "WIDTHS": [2, 4, 6, 8, 12, 16, 24, 32, 64], "EPOCHS_MODEL_WISE": 100,
         "EPOCHS_EPOCH_WISE": 300,
         "GEN_NC_WIDTH": 32, "EPOCHS_GEN_NC": 100,
         "EPOCHS_CKA": 100, "CKA_DRIFT_EPOCHS": [1, 5, 20, 50, 100],
     },
     "smoke": {
-        "TRAIN_SUBSET": 256, "WIDTHS": [2, 4], "EPOCHS_MODEL_WISE": 2,
+        "TRAIN_SUBSET": 256, "REPLICATES": 2, "WIDTHS": [2, 4], "EPOCHS_MODEL_WISE": 2,
         "EPOCH_WISE_WIDTHS": {"critical": 2, "large": 4}, "EPOCHS_EPOCH_WISE": 3,
         "EPOCH_WISE_POINTS": 3,
         "GEN_NC_WIDTH": 4, "DIMS": [2, 9, 10], "EPOCHS_GEN_NC": 2,
@@ -410,16 +425,37 @@ def nc3_self_duality(classifier_weight, centred_means):
     return float(np.linalg.norm(classifier_weight / w_norm - centred_means / m_norm))
 
 
-def nc4_ncc_mismatch(h, means, classes, classifier_weight):
+def nc4_ncc_mismatch(h, means, classes, network_decision):
     """NC4: fraction of samples whose nearest class mean, argmin_k ||h - mu_k||, differs from
-    the network's decision argmax_k (W h)_k; `classes` names the rows of means and W."""
-    network = classes[np.argmax(h @ classifier_weight.T, axis=1)]
+    the network's decision argmax_k (W h)_k (given as class labels); `classes` names the
+    rows of `means`."""
     sq_dist = (h ** 2).sum(1)[:, None] - 2 * h @ means.T + (means ** 2).sum(1)[None, :]
     nearest = classes[np.argmin(sq_dist, axis=1)]
-    return float(np.mean(network != nearest))
+    return float(np.mean(np.asarray(network_decision) != nearest))
 
 
 NC_NAMES = ["nc1", "nc1_pinv", "nc2", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"]
+LAYER_NC_NAMES = ["nc1", "nc1_pinv", "nc4"]
+
+
+def _class_statistics(h, y, num_classes, what):
+    """(classes present, class means, centred means, Sigma_W, Sigma_B), or None when fewer
+    than two classes have samples. A class without samples is left out with a warning."""
+    classes = np.unique(y)
+    if len(classes) < num_classes:
+        missing = sorted(set(range(num_classes)) - set(classes.tolist()))
+        warnings.warn(f"{what}: classes {missing} have no samples; metrics use the "
+                      f"{len(classes)} classes present")
+    if len(classes) < 2:
+        return None
+    means = class_means(h, y, classes)
+    centred_means = means - means.mean(axis=0)
+    return (classes, means, centred_means, within_class_cov(h, y, means, classes),
+            between_class_cov(centred_means))
+
+
+def _labels(labels):
+    return np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
 
 
 def nc_metrics(features, labels, classifier_weight, num_classes=NUM_CLASSES):
@@ -431,42 +467,148 @@ def nc_metrics(features, labels, classifier_weight, num_classes=NUM_CLASSES):
     present gives NaN throughout. d < K-1 is allowed: the values are finite, but an ETF of
     K points does not fit in d dimensions, so NC2 and NC3 cannot reach 0.
     """
-    h, w = _float64(features), _float64(classifier_weight)
-    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    h, w, y = _float64(features), _float64(classifier_weight), _labels(labels)
     if h.ndim != 2 or y.shape != (len(h),) or w.shape != (num_classes, h.shape[1]):
         raise ValueError(f"nc_metrics expects features (n, d), labels (n,) and classifier "
                          f"weight ({num_classes}, d); got {h.shape}, {y.shape}, {w.shape}")
-    classes = np.unique(y)
-    if len(classes) < num_classes:
-        missing = sorted(set(range(num_classes)) - set(classes.tolist()))
-        warnings.warn(f"nc_metrics: classes {missing} have no samples; metrics use the "
-                      f"{len(classes)} classes present")
-    if len(classes) < 2:
+    stats = _class_statistics(h, y, num_classes, "nc_metrics")
+    if stats is None:
         return dict.fromkeys(NC_NAMES, float("nan"))
+    classes, means, centred_means, sigma_w, sigma_b = stats
     w = w[classes]
-    means = class_means(h, y, classes)
-    centred_means = means - means.mean(axis=0)
-    sigma_w = within_class_cov(h, y, means, classes)
-    sigma_b = between_class_cov(centred_means)
     nc2, equinorm, equiangle = nc2_metrics(centred_means)
     return {"nc1": nc1_trace_ratio(sigma_w, sigma_b),
             "nc1_pinv": nc1_pinv(sigma_w, sigma_b, len(classes)),
             "nc2": nc2, "nc2_equinorm": equinorm, "nc2_equiangle": equiangle,
             "nc3": nc3_self_duality(w, centred_means),
-            "nc4": nc4_ncc_mismatch(h, means, classes, w)}
+            "nc4": nc4_ncc_mismatch(h, means, classes, classes[np.argmax(h @ w.T, axis=1)])}
+
+
+def layer_nc_metrics(features, labels, network_decision, num_classes=NUM_CLASSES):
+    """Neural collapse of an intermediate layer (Rangamani et al., ICML 2023): NC1 (both
+    forms) of the layer's features (n, p) with labels (n,), and NC4 as the fraction of
+    samples whose nearest class mean *in this layer* differs from the network's final
+    decision `network_decision` (n,) (class labels). NC2 and NC3 need the classifier, which
+    acts on the last layer only, so they are not defined here."""
+    h, y = _float64(features), _labels(labels)
+    decision = _labels(network_decision)
+    if h.ndim != 2 or y.shape != (len(h),) or decision.shape != (len(h),):
+        raise ValueError(f"layer_nc_metrics expects features (n, p), labels (n,) and "
+                         f"decisions (n,); got {h.shape}, {y.shape}, {decision.shape}")
+    stats = _class_statistics(h, y, num_classes, "layer_nc_metrics")
+    if stats is None:
+        return dict.fromkeys(LAYER_NC_NAMES, float("nan"))
+    classes, means, _, sigma_w, sigma_b = stats
+    return {"nc1": nc1_trace_ratio(sigma_w, sigma_b),
+            "nc1_pinv": nc1_pinv(sigma_w, sigma_b, len(classes)),
+            "nc4": nc4_ncc_mismatch(h, means, classes, decision)}
+
+
+def _centred_pair(X, Y, what):
+    x, y = _float64(X), _float64(Y)
+    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"{what} expects (n, p) and (n, q) with the same n; "
+                         f"got {x.shape} and {y.shape}")
+    return x - x.mean(axis=0), y - y.mean(axis=0)
 
 
 def linear_CKA(X, Y):
     """Linear CKA (Kornblith et al. 2019, feature-space form), in float64:
     X, Y column-centred,  CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)."""
-    x, y = _float64(X), _float64(Y)
-    if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-        raise ValueError(f"linear_CKA expects (n, p) and (n, q) with the same n; "
-                         f"got {x.shape} and {y.shape}")
-    x = x - x.mean(axis=0)
-    y = y - y.mean(axis=0)
+    x, y = _centred_pair(X, Y, "linear_CKA")
     cross = np.linalg.norm(y.T @ x) ** 2
     return _ratio(cross, np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y), "linear_CKA")
+
+
+def debiased_linear_CKA(X, Y):
+    """Linear CKA with the unbiased HSIC estimator (Song et al., JMLR 2012), feature-space
+    form after column centring (as in Kornblith et al.'s demo). For centred X, with
+    r_i = ||x_i||^2 and s_i = ||y_i||^2 (the Gram diagonals), n(n-3) HSIC_u equals
+        ||Y^T X||_F^2 - n/(n-2) r.s + (sum r)(sum s) / ((n-1)(n-2)).
+    Unlike linear CKA, it is near 0 for independent data even when the feature count is
+    comparable to n. It needs n >= 4 and can be slightly negative, or NaN when an HSIC
+    estimate of X or Y with itself is not positive."""
+    x, y = _centred_pair(X, Y, "debiased_linear_CKA")
+    n = len(x)
+    if n < 4:
+        raise ValueError(f"debiased_linear_CKA needs at least 4 samples, got {n}")
+
+    def unbiased_hsic(a, b):
+        ra, rb = (a * a).sum(1), (b * b).sum(1)
+        return (np.linalg.norm(b.T @ a) ** 2 - n / (n - 2) * ra @ rb
+                + ra.sum() * rb.sum() / ((n - 1) * (n - 2)))
+
+    xx, yy = unbiased_hsic(x, x), unbiased_hsic(y, y)
+    if xx <= 0 or yy <= 0:
+        warnings.warn("debiased_linear_CKA: an HSIC estimate of X or Y with itself is not "
+                      "positive; returning NaN")
+        return float("nan")
+    return float(unbiased_hsic(x, y) / np.sqrt(xx * yy))
+
+
+# Heavy-tailed self-regularisation (Martin & Mahoney, JMLR 2021; the weightwatcher tool):
+# the empirical spectral density (ESD) of a trained layer's W^T W develops a power-law tail
+# p(lambda) ~ lambda^-alpha; alpha of about 2-4 is typical of well-trained layers, larger
+# alpha of less correlated (more random-like) weights.
+ESD_MIN_EVALS = 50             # fits on fewer eigenvalues are flagged unreliable
+
+
+def weight_eigenvalues(weight):
+    """Eigenvalues of W^T W, ascending: a linear weight (out, in) as it is, a conv weight
+    (out, in, k) as k matrices (out, in) whose eigenvalues are pooled. Only the min(out, in)
+    eigenvalues that can be nonzero are kept (the squared singular values of W)."""
+    w = _float64(weight)
+    if w.ndim not in (2, 3):
+        raise ValueError(f"weight_eigenvalues expects a (out, in) or (out, in, k) weight, "
+                         f"got shape {w.shape}")
+    matrices = np.moveaxis(w, -1, 0) if w.ndim == 3 else w[None]
+    return np.sort(np.concatenate([np.linalg.svd(m, compute_uv=False) ** 2
+                                   for m in matrices]))
+
+
+def powerlaw_alpha(eigenvalues):
+    """Power-law fit of the tail of an ESD as weightwatcher does by default (Clauset, Shalizi
+    & Newman 2009): every eigenvalue but the largest is a candidate xmin; for each, the
+    maximum-likelihood alpha = 1 + n / sum ln(x_i / xmin) over the n eigenvalues >= xmin and
+    the Kolmogorov-Smirnov distance D between their empirical CDF and the fitted
+    F(x) = 1 - (x / xmin)^(1 - alpha); the xmin with the smallest D is kept.
+
+    Returns alpha, xmin, D, num_evals (positive eigenvalues), num_tail (n at the chosen
+    xmin) and reliable (num_evals >= ESD_MIN_EVALS). Fewer than two distinct positive
+    eigenvalues: NaN for alpha, xmin and D."""
+    x = np.sort(_float64(eigenvalues).ravel())
+    x = x[x > np.finfo(np.float64).tiny * max(x.max(initial=0.0), 1.0)]
+    best = {"alpha": float("nan"), "xmin": float("nan"), "D": float("nan"), "num_tail": 0}
+    for i in range(len(x) - 1):
+        tail = x[i:]
+        log_sum = np.log(tail / tail[0]).sum()
+        if log_sum <= 0:
+            continue  # every candidate tail value equals xmin: no slope to fit
+        n = len(tail)
+        alpha = 1.0 + n / log_sum
+        fitted_cdf = 1.0 - (tail / tail[0]) ** (1.0 - alpha)
+        # two-sided KS distance: the empirical CDF jumps from (j-1)/n to j/n at the j-th value
+        d = max(np.max(np.arange(1, n + 1) / n - fitted_cdf),
+                np.max(fitted_cdf - np.arange(n) / n))
+        if not d >= best["D"]:  # also true while best D is NaN
+            best = {"alpha": float(alpha), "xmin": float(tail[0]), "D": float(d), "num_tail": n}
+    return {**best, "num_evals": len(x), "reliable": bool(len(x) >= ESD_MIN_EVALS)}
+
+
+def esd_metrics(weight):
+    """Spectral summary of one weight: the power-law fit of `powerlaw_alpha`, the spectral
+    norm (the largest eigenvalue of W^T W, i.e. ||W||_2^2 as weightwatcher reports it) and
+    the stable rank sum(lambda) / lambda_max = ||W||_F^2 / ||W||_2^2."""
+    w = _float64(weight)
+    if not np.isfinite(w).all():
+        warnings.warn("esd_metrics: the weight is not finite (a diverged model); returning NaN")
+        return {"alpha": float("nan"), "xmin": float("nan"), "D": float("nan"), "num_tail": 0,
+                "num_evals": 0, "reliable": False, "spectral_norm": float("nan"),
+                "stable_rank": float("nan")}
+    evals = weight_eigenvalues(w)
+    top = evals[-1] if evals.size else 0.0
+    return {**powerlaw_alpha(evals), "spectral_norm": float(top),
+            "stable_rank": _ratio(evals.sum(), top, "stable rank")}
 
 
 # ----------------------------------------------------------------------------------------
@@ -726,7 +868,8 @@ def training_config():
     """Every global that can change a trained model or its measurements. The lists of which
     models to run (WIDTHS, DIMS, ...) and the epoch counts are left out: a model's own
     width and epochs are part of its record key instead."""
-    skip = {"WIDTHS", "DIMS", "EPOCH_WISE_WIDTHS", "CKA_SEEDS", "DATA_DIR", "FIGURE_DPI"}
+    skip = {"WIDTHS", "DIMS", "EPOCH_WISE_WIDTHS", "CKA_SEEDS", "REPLICATES", "DATA_DIR",
+            "FIGURE_DPI"}
     return {name: value for name, value in hyperparameters().items()
             if name not in skip and not name.startswith("EPOCHS_")}
 
@@ -752,13 +895,18 @@ class ModelRuns:
                                  + 20_000)
 
     def key(self, spec):
-        blob = json.dumps({"model": spec, "config": training_config(),
+        # the CKA settings only change what Exp 4 measures during training
+        config = {name: value for name, value in training_config().items()
+                  if self.experiment == "exp4" or not name.startswith("CKA_")}
+        blob = json.dumps({"model": spec, "config": config,
                            "device": self.data["x_train"].device.type}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def _paths(self, spec):
-        stem = os.path.join(self.records_dir, self.experiment,
-                            f"{spec['arch']}_{spec['optimizer']}_w{spec['width']}_{self.key(spec)}")
+        name = f"{spec['arch']}_{spec['optimizer']}_w{spec['width']}"
+        if spec.get("replicate"):
+            name += f"_r{spec['replicate']}"
+        stem = os.path.join(self.records_dir, self.experiment, f"{name}_{self.key(spec)}")
         return stem + ".json", stem + ".pt"
 
     def seed(self, spec):
@@ -857,9 +1005,16 @@ class ModelRuns:
                 nan_nc = dict.fromkeys(NC_NAMES, float("nan"))
                 scores = {"train_err": float("nan"), "test_err": float("nan"),
                           "train_loss": float("nan"), "test_loss": float("nan"),
-                          "nc_train": nan_nc, "nc_test": dict(nan_nc)}
+                          "nc_train": nan_nc, "nc_test": dict(nan_nc),
+                          "per_layer": {layer: dict.fromkeys(LAYER_NC_NAMES, float("nan"))
+                                        for layer in LAYERS}}
+                with warnings.catch_warnings():  # NaN weights: NaN spectra, said once above
+                    warnings.simplefilter("ignore")
+                    scores["esd"] = model_esd(model)
             else:
-                scores = evaluate(model, self.data)
+                scores = {**evaluate(model, self.data),
+                          "per_layer": layer_collapse(model, self.data),
+                          "esd": model_esd(model)}
             fitted.append(({**spec, "seed": seed, "params": count_parameters(model), **fit,
                             **scores, "checkpoints": curve, "seconds": seconds,
                             "trained_with": len(group)}, model.eval()))
@@ -890,6 +1045,8 @@ class ModelRuns:
         what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
         if spec.get("d") is not None:
             what += f" d={spec['d']}"
+        if REPLICATES > 1 and "replicate" in spec:
+            what += f" rep={spec['replicate']}"
         if "seed" in spec:
             what += f" seed={spec['seed']}"
         status = "DIVERGED" if record["diverged"] else (
@@ -929,39 +1086,98 @@ def _check_positive_int(name, value):
     return value
 
 
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
 def _check_int_list(name, values):
     if not isinstance(values, (list, tuple)) or not values:
         raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
     return [_check_positive_int(name, v) for v in values]
 
 
-def _nc_columns(records, split="nc_train"):
-    return {key: [r[split][key] for r in records] for key in NC_NAMES}
+def _check_replicates(replicates):
+    return _check_positive_int("replicates", REPLICATES if replicates is None else replicates)
+
+
+def _nanmean(values):
+    """Mean of the finite values (a diverged replicate does not hide the others); NaN if
+    there are none. None is JSON's NaN."""
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _transpose(trees):
+    """A list of equally shaped nested dicts -> one nested dict whose leaves are lists."""
+    if isinstance(trees[0], dict):
+        return {key: _transpose([tree[key] for tree in trees]) for key in trees[0]}
+    return list(trees)
+
+
+def _replicate_mean(tree):
+    if isinstance(tree, dict):
+        return {key: _replicate_mean(value) for key, value in tree.items()}
+    return [_nanmean(replicates) for replicates in tree]
+
+
+def _summarise(points):
+    """points: for each point of a sweep (a width, a d, an epoch), one nested dict of floats
+    per replicate. Returns the mean over replicates under every name, and each replicate's
+    own values under "replicates" (lists over points of lists over replicates)."""
+    per_replicate = _transpose([_transpose(replicates) for replicates in points])
+    return {**_replicate_mean(per_replicate), "replicates": per_replicate}
+
+
+def _chunks(records, size):
+    return [records[i:i + size] for i in range(0, len(records), size)]
+
+
+def _sweep_summary(points, values):
+    """`_summarise` of values(record) for the records of each point, plus the seeds and
+    divergence of every replicate (a point counts as diverged if any replicate did)."""
+    summary = _summarise([[values(r) for r in records] for records in points])
+    summary["replicates"]["seed"] = [[r["seed"] for r in records] for records in points]
+    summary["replicates"]["diverged"] = [[r["diverged"] for r in records] for records in points]
+    summary["diverged"] = [any(records_diverged) for records_diverged
+                           in summary["replicates"]["diverged"]]
+    return summary
+
+
+def _exp1_values(record):
+    return {**{key: record[key] for key in ("train_err", "test_err", "train_loss", "seconds")},
+            **record["nc_train"], "nc_test": record["nc_test"],
+            "per_layer": record["per_layer"], "esd": record["esd"]}
 
 
 def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
-                            optimizers=("SGD", "Adam"), device=None, records_dir=None,
-                            log=print):
+                            optimizers=("SGD", "Adam"), replicates=None, device=None,
+                            records_dir=None, log=print):
     """Exp 1, model-wise double descent: every architecture x optimizer x width, trained for
-    `epochs`. Per configuration ("ResNet_SGD", ...): width, params, train/test error, train
-    loss, diverged, seconds, NC1-NC4 on the training set (noisy labels) and under "nc_test"
-    on the test set (clean labels)."""
+    `epochs`, `replicates` times (own derived seeds). Per configuration ("ResNet_SGD", ...),
+    lists over widths of the mean over replicates: train/test error, train loss, seconds,
+    NC1-NC4 on the training set (noisy labels) and under "nc_test" on the test set (clean
+    labels); "per_layer": NC1 (both forms) and NC4 of every layer L0..L3; "esd": the weight
+    spectra (layer-averaged power-law alpha and every weight's fit). Every replicate's value
+    is kept under "replicates"; "diverged" says whether any replicate diverged."""
     epochs = _check_positive_int("epochs", EPOCHS_MODEL_WISE if epochs is None else epochs)
     widths = _check_int_list("widths", WIDTHS if widths is None else widths)
+    replicates = _check_replicates(replicates)
     data = experiment_data(resolve_device(device))
-    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs}
-             for a in archs for o in optimizers for w in widths]
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs, "replicate": r}
+             for a in archs for o in optimizers for w in widths for r in range(replicates)]
     runs = ModelRuns("exp1", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
-    records = runs.run_many(specs)
+    points = iter(_chunks(runs.run_many(specs), replicates))
     out = {}
     for arch in archs:
         for opt in optimizers:
-            rs = [r for r in records if r["arch"] == arch and r["optimizer"] == opt]
-            out[f"{arch}_{opt}"] = {
-                **{k: [r[k] for r in rs] for k in ("width", "params", "train_err", "test_err",
-                                                   "train_loss", "diverged", "seconds")},
-                **_nc_columns(rs), "nc_test": _nc_columns(rs, "nc_test"), "epochs": epochs}
-    return out
+            by_width = [next(points) for _ in widths]
+            out[f"{arch}_{opt}"] = {"width": widths,
+                                    "params": [records[0]["params"] for records in by_width],
+                                    **_sweep_summary(by_width, _exp1_values),
+                                    "epochs": epochs, "replicate_count": replicates}
+    return _json_ready(out)
 
 
 def log_spaced_epochs(epochs, points):
@@ -977,59 +1193,108 @@ def log_spaced_epochs(epochs, points):
         count += points - len(grid)
 
 
-def run_epoch_wise_dynamics(epochs=None, widths=None, device=None, records_dir=None, log=print):
-    """Exp 2, epoch-wise double descent: ResNet-1D at a "critical" and a "large" width, Adam;
-    train/test error and NC1 (training set) at log-spaced epochs."""
+CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_all"]
+
+
+def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=None,
+                            records_dir=None, log=print):
+    """Exp 2, epoch-wise double descent: ResNet-1D at a "critical" and a "large" width, Adam,
+    `replicates` models each; at log-spaced epochs, the mean over replicates of train/test
+    error, NC1 (training set) and the layer-averaged power-law alpha of the weight spectra
+    ("alpha": layers with enough eigenvalues for a reliable fit; "alpha_all": every layer),
+    with every replicate's values under "replicates"."""
     epochs = _check_positive_int("epochs", EPOCHS_EPOCH_WISE if epochs is None else epochs)
     widths = dict(EPOCH_WISE_WIDTHS if widths is None else widths)
     for name, w in widths.items():
         _check_positive_int(f"width of {name!r}", w)
+    replicates = _check_replicates(replicates)
     data = experiment_data(resolve_device(device))
     grid = log_spaced_epochs(epochs, EPOCH_WISE_POINTS)
-    specs = {name: {"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
-                    "checkpoints": grid} for name, w in widths.items()}
-    runs = ModelRuns("exp2", data, records_dir, log, sum(map(ModelRuns.cost, specs.values())))
+    specs = [{"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
+              "checkpoints": grid, "replicate": r}
+             for w in widths.values() for r in range(replicates)]
+    runs = ModelRuns("exp2", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
 
     def measure(spec, model, epoch):
-        scores = evaluate(model, data)
+        scores, spectra = evaluate(model, data), model_esd(model)
         return {"epoch": epoch, "train_err": scores["train_err"],
-                "test_err": scores["test_err"], "nc1": scores["nc_train"]["nc1"]}
+                "test_err": scores["test_err"], "nc1": scores["nc_train"]["nc1"],
+                "alpha": spectra["alpha"], "alpha_all": spectra["alpha_all"]}
 
-    records = runs.run_many(list(specs.values()), measure)
     out = {}
-    for (name, spec), record in zip(specs.items(), records):
-        curve = record["checkpoints"]
-        out[name] = {"width": spec["width"], **{k: [c[k] for c in curve] for k in
-                                                ("epoch", "test_err", "train_err", "nc1")}}
-    return out
+    for name, records in zip(widths, _chunks(runs.run_many(specs, measure), replicates)):
+        # a diverged model may stop early when its whole group diverged: missing epochs are NaN
+        curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
+        by_epoch = [[{key: curve.get(epoch, {}).get(key) for key in CURVE_NAMES}
+                     for curve in curves] for epoch in grid]
+        summary = _summarise(by_epoch)
+        summary["replicates"]["seed"] = [record["seed"] for record in records]
+        out[name] = {"width": widths[name], "epoch": grid, **summary,
+                     "diverged": any(record["diverged"] for record in records)}
+    return _json_ready(out)
 
 
-def run_generalized_nc(epochs=None, dims=None, width=None, device=None, records_dir=None,
-                       log=print):
+def _exp3_values(record):
+    return {**{key: record[key] for key in ("train_err", "test_err")}, **record["nc_train"],
+            "nc_test": record["nc_test"]}
+
+
+def run_generalized_nc(epochs=None, dims=None, width=None, replicates=None, device=None,
+                       records_dir=None, log=print):
     """Exp 3, generalised NC: ResNet-1D(width) with a bias-free projector to d dimensions,
-    SGD; NC metrics (training set) against d. d < K-1 = 9 cannot hold a simplex ETF."""
+    SGD, `replicates` models per d; NC metrics (training set) against d, the mean over
+    replicates, with every replicate's values under "replicates". d < K-1 = 9 cannot hold a
+    simplex ETF."""
     epochs = _check_positive_int("epochs", EPOCHS_GEN_NC if epochs is None else epochs)
     dims = _check_int_list("dims", DIMS if dims is None else dims)
     width = _check_positive_int("width", GEN_NC_WIDTH if width is None else width)
+    replicates = _check_replicates(replicates)
     data = experiment_data(resolve_device(device))
-    specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs}
-             for d in dims]
+    specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs,
+              "replicate": r} for d in dims for r in range(replicates)]
     runs = ModelRuns("exp3", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
-    records = runs.run_many(specs)
-    return {"width": width, "d": dims, **_nc_columns(records),
-            **{k: [r[k] for r in records] for k in ("train_err", "test_err", "diverged")},
-            "nc_test": _nc_columns(records, "nc_test"), "epochs": epochs}
+    by_d = _chunks(runs.run_many(specs), replicates)
+    return _json_ready({"width": width, "d": dims, **_sweep_summary(by_d, _exp3_values),
+                        "epochs": epochs, "replicate_count": replicates})
+
+
+CKA_CONV_MODES = ["pool", "flatten"]
 
 
 @torch.no_grad()
-def layer_representations(model, x):
+def layer_representations(model, x, conv="pool"):
     """L0..L3 of `model` on inputs x as float64 arrays (n, features); conv activations
-    (n, C, L) are globally average-pooled over L, as in SPEC section 5."""
+    (n, C, L) are globally average-pooled over L ("pool", SPEC section 5) or flattened to
+    C*L features ("flatten")."""
+    _check_choice("conv", conv, CKA_CONV_MODES)
     was_training = model.training
     model.eval()
-    reps = [f.mean(dim=2) if f.dim() == 3 else f for f in model.features(x)]
+    reps = [(f.mean(dim=2) if conv == "pool" else f.flatten(1)) if f.dim() == 3 else f
+            for f in model.features(x)]
     model.train(was_training)
     return [r.detach().cpu().double().numpy() for r in reps]
+
+
+def layer_collapse(model, data):
+    """NC1 (both forms) and NC4 of every layer L0..L3 on the training set with the labels
+    the model was trained on, conv activations globally average-pooled (Rangamani et al.
+    2023). NC4 compares each layer's nearest class mean with the network's decision."""
+    reps = layer_representations(model, data["x_train"])
+    weight = model.classifier.weight.detach().cpu().double().numpy()
+    decision = np.argmax(reps[-1] @ weight.T, axis=1)
+    labels = data["y_train"].cpu().numpy()
+    return {layer: layer_nc_metrics(rep, labels, decision) for layer, rep in zip(LAYERS, reps)}
+
+
+def model_esd(model):
+    """`esd_metrics` of every conv and linear weight of `model` and two layer averages of
+    alpha: "alpha" over the fits with at least ESD_MIN_EVALS eigenvalues (NaN if none) and
+    "alpha_all" over every fit."""
+    layers = {name: esd_metrics(p) for name, p in model.named_parameters() if p.dim() >= 2}
+    return {"alpha": _nanmean([m["alpha"] for m in layers.values() if m["reliable"]]),
+            "alpha_all": _nanmean([m["alpha"] for m in layers.values()]),
+            "reliable_layers": sum(m["reliable"] for m in layers.values()),
+            "layers": layers}
 
 
 def cka_inputs(data):
@@ -1039,13 +1304,18 @@ def cka_inputs(data):
     return data["x_train"][torch.as_tensor(np.sort(idx), device=data["x_train"].device)]
 
 
+CKA_ESTIMATORS = {"linear": linear_CKA, "debiased": debiased_linear_CKA}
+
+
 def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=None,
-                       seeds=None, drift_epochs=None, device=None, records_dir=None,
-                       log=print):
-    """Exp 4, layer-wise linear CKA between ResNet-1D models trained with Adam:
+                       seeds=None, drift_epochs=None, estimator=None, conv=None, device=None,
+                       records_dir=None, log=print):
+    """Exp 4, layer-wise CKA between ResNet-1D models trained with Adam:
     4A small vs large width (4x4 layer pairs, rows small, columns large); 4B one model at
     `width` against its epoch-1 self at `drift_epochs` (the model of the first seed);
-    4C the models of `seeds` compared pairwise, layer by layer."""
+    4C the models of `seeds` compared pairwise, layer by layer. `estimator` (CKA_ESTIMATOR)
+    is "linear" or "debiased"; `conv` (CKA_CONV) pools conv activations over length or
+    flattens them."""
     epochs = _check_positive_int("epochs", EPOCHS_CKA if epochs is None else epochs)
     small = _check_positive_int("small_width", CKA_SMALL_WIDTH if small_width is None else small_width)
     large = _check_positive_int("large_width", CKA_LARGE_WIDTH if large_width is None else large_width)
@@ -1055,6 +1325,10 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
         raise ValueError(f"seeds must be a list of at least two integers, got {seeds!r}")
     drift = sorted({e for e in (CKA_DRIFT_EPOCHS if drift_epochs is None else drift_epochs)
                     if 1 <= e <= epochs} | {1})
+    estimator = _check_choice("estimator", CKA_ESTIMATOR if estimator is None else estimator,
+                              list(CKA_ESTIMATORS))
+    conv = _check_choice("conv", CKA_CONV if conv is None else conv, CKA_CONV_MODES)
+    similarity = CKA_ESTIMATORS[estimator]
     data = experiment_data(resolve_device(device))
     x_cka = cka_inputs(data)
     base = {"arch": "ResNet", "optimizer": "Adam", "epochs": epochs}
@@ -1066,28 +1340,31 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
     reference = {}
 
     def measure_drift(spec, model, epoch):
-        reps = layer_representations(model, x_cka)
+        reps = layer_representations(model, x_cka, conv)
         reference.setdefault("reps", reps)  # the first checkpoint is epoch 1
-        return {"epoch": epoch, **{layer: linear_CKA(r, r1) for layer, r, r1
+        return {"epoch": epoch, **{layer: similarity(r, r1) for layer, r, r1
                                    in zip(LAYERS, reps, reference["reps"])}}
 
     models = {}
     for spec, record, model in zip(specs, *runs.run_many(specs, measure_drift, keep_models=True)):
-        models[(spec["width"], spec.get("seed"))] = (record, layer_representations(model, x_cka))
+        models[(spec["width"], spec.get("seed"))] = (record,
+                                                     layer_representations(model, x_cka, conv))
     small_reps, large_reps = models[(small, None)][1], models[(large, None)][1]
     drift_curve = models[(width, seeds[0])][0]["checkpoints"]
     pairs = [[a, b] for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-    return {"layers": LAYERS, "small_width": small, "large_width": large, "width": width,
-            "cross_arch": [[linear_CKA(a, b) for b in large_reps] for a in small_reps],
-            "epochs": [c["epoch"] for c in drift_curve],
-            "drift": {layer: [c[layer] for c in drift_curve] for layer in LAYERS},
-            "seed_pairs": pairs,
-            "cross_seed": {layer: [linear_CKA(models[(width, a)][1][i], models[(width, b)][1][i])
-                                   for a, b in pairs] for i, layer in enumerate(LAYERS)},
-            "test_err": {f"w{spec['width']}" + (f"_seed{spec['seed']}" if "seed" in spec else ""):
-                         models[(spec["width"], spec.get("seed"))][0]["test_err"]
-                         for spec in specs},
-            "cka_subset": len(x_cka), "cka_conv": "pool", "estimator": "linear", "epochs_trained": epochs}
+    return _json_ready({
+        "layers": LAYERS, "small_width": small, "large_width": large, "width": width,
+        "cross_arch": [[similarity(a, b) for b in large_reps] for a in small_reps],
+        "epochs": [c["epoch"] for c in drift_curve],
+        "drift": {layer: [c[layer] for c in drift_curve] for layer in LAYERS},
+        "seed_pairs": pairs,
+        "cross_seed": {layer: [similarity(models[(width, a)][1][i], models[(width, b)][1][i])
+                               for a, b in pairs] for i, layer in enumerate(LAYERS)},
+        "test_err": {f"w{spec['width']}" + (f"_seed{spec['seed']}" if "seed" in spec else ""):
+                     models[(spec["width"], spec.get("seed"))][0]["test_err"]
+                     for spec in specs},
+        "cka_subset": len(x_cka), "cka_conv": conv, "estimator": estimator,
+        "epochs_trained": epochs})
 
 
 # ----------------------------------------------------------------------------------------
@@ -1095,6 +1372,10 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
 # ----------------------------------------------------------------------------------------
 CONFIG_STYLE = {"ResNet_SGD": ("tab:blue", "o"), "ResNet_Adam": ("tab:cyan", "s"),
                 "CNN_SGD": ("tab:red", "^"), "CNN_Adam": ("tab:orange", "v")}
+EPOCH_WISE_COLORS = ["tab:purple", "tab:green", "tab:brown"]
+LAYER_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+# dashed L3 over a thicker L2: with pooled conv activations a ResNet's L2 and L3 coincide
+LAYER_STYLES = [("-", 1.3), ("-", 1.3), ("-", 2.2), ((0, (4, 3)), 1.3)]
 
 
 def _values(seq):
@@ -1109,6 +1390,30 @@ def _not_run(ax, what):
     for spine in ax.spines.values():
         spine.set_edgecolor("0.8")
         spine.set_linestyle("--")
+
+
+def _band(ax, x, replicates, color):
+    """Shade the min-max range over replicates (a list over points of lists over
+    replicates), where some point has more than one finite value."""
+    if not replicates:
+        return
+    per_point = [_values(r) for r in replicates]
+    per_point = [v[np.isfinite(v)] for v in per_point]
+    if max(len(v) for v in per_point) < 2:
+        return
+    low = [v.min() if len(v) else np.nan for v in per_point]
+    high = [v.max() if len(v) else np.nan for v in per_point]
+    ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
+
+
+def _replicates_of(series, *path):
+    """series["replicates"][path...], or None for results without replicates."""
+    node = series.get("replicates")
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
 
 
 def _positive_log(ax, values):
@@ -1135,6 +1440,7 @@ def _plot_exp1(axes, exp1):
             everything.append(y)
             ax.plot(series["params"], y, marker=marker, ms=4, color=color,
                     label=name.replace("_", " + "))
+            _band(ax, series["params"], _replicates_of(series, key), color)
             if key == "test_err":
                 ax.plot(series["params"], _values(series["train_err"]), ls=":", color=color,
                         lw=1)
@@ -1153,9 +1459,10 @@ def _plot_exp2(ax, exp2):
     title = "Exp 2: epoch-wise double descent (Adam)"
     if not exp2:
         return _not_run(ax, title)
-    for (name, series), color in zip(exp2.items(), ["tab:purple", "tab:green", "tab:brown"]):
+    for (name, series), color in zip(exp2.items(), EPOCH_WISE_COLORS):
         ax.plot(series["epoch"], _values(series["test_err"]), color=color,
                 label=f"{name} (w={series['width']}) test")
+        _band(ax, series["epoch"], _replicates_of(series, "test_err"), color)
         ax.plot(series["epoch"], _values(series["train_err"]), color=color, ls=":", lw=1,
                 label=f"{name} train")
     ax.set_xscale("log")
@@ -1174,6 +1481,7 @@ def _plot_exp3(ax_nc1, ax_nc2, exp3):
                                   (ax_nc2, "nc2", "NC2  ‖G − G_ETF‖_F", titles[1])]:
         y = _values(exp3[key])
         ax.plot(exp3["d"], y, marker="o", color="tab:blue")
+        _band(ax, exp3["d"], _replicates_of(exp3, key), "tab:blue")
         if key == "nc1":
             _positive_log(ax, y)
         ax.axvline(NUM_CLASSES - 1, color="0.4", ls="--", lw=1,
@@ -1182,6 +1490,11 @@ def _plot_exp3(ax_nc1, ax_nc2, exp3):
         ax.set_ylabel(label)
         ax.set_title(title)
         ax.legend(fontsize=7)
+
+
+def _cka_name(exp4):
+    name = "Debiased linear CKA" if exp4.get("estimator") == "debiased" else "Linear CKA"
+    return name + (", flattened convs" if exp4.get("cka_conv") == "flatten" else "")
 
 
 def _plot_exp4(ax_a, ax_b, ax_c, exp4):
@@ -1203,22 +1516,21 @@ def _plot_exp4(ax_a, ax_b, ax_c, exp4):
     ax_a.set_xlabel(f"Large model (w={exp4.get('large_width', '?')})")
     ax_a.set_ylabel(f"Small model (w={exp4.get('small_width', '?')})")
     ax_a.set_title(titles[0])
-    # distinct line styles: with pooled conv activations a ResNet's L2 and L3 coincide
-    for layer, color, style in zip(layers, ["tab:blue", "tab:orange", "tab:green", "tab:red"],
-                                   ["-", "-", "-", (0, (4, 3))]):
+    for layer, color, (style, width) in zip(layers, LAYER_COLORS, LAYER_STYLES):
         ax_b.plot(exp4["epochs"], _values(exp4["drift"][layer]), marker="o", ms=3,
-                  color=color, ls=style, lw=2 if layer == layers[2] else 1.3, label=layer)
+                  color=color, ls=style, lw=width, label=layer)
     ax_b.set_xscale("log")
     ax_b.set_ylim(0, 1.05)
     ax_b.set_xlabel("Epoch")
-    ax_b.set_ylabel("Linear CKA")
+    cka_name = _cka_name(exp4)
+    ax_b.set_ylabel(cka_name)
     ax_b.set_title(titles[1] + f" (w={exp4.get('width', '?')})")
     ax_b.legend(fontsize=7)
     per_layer = [_values(exp4["cross_seed"][layer]) for layer in layers]
     ax_c.bar(layers, [np.nanmean(v) for v in per_layer],
              yerr=[np.nanstd(v) for v in per_layer], capsize=4, color="tab:gray")
     ax_c.set_ylim(0, 1.05)
-    ax_c.set_ylabel("Linear CKA (mean ± std over pairs)")
+    ax_c.set_ylabel(f"{cka_name} (mean ± std over pairs)")
     ax_c.set_title(titles[2] + f" {exp4['seed_pairs'] and sorted({s for p in exp4['seed_pairs'] for s in p})}")
 
 
@@ -1238,6 +1550,10 @@ def _run_summary(results):
              f"SGD lr        {config.get('SGD_LR')} (cosine to 0)",
              f"Adam lr       {config.get('ADAM_LR')} (constant)",
              f"CKA seeds     {config.get('CKA_SEEDS')}",
+             f"CKA           {config.get('CKA_ESTIMATOR', 'linear')}, "
+             f"convs {config.get('CKA_CONV', 'pool')}",
+             f"Replicates    {config.get('REPLICATES', 1)}"
+             + (" (bands: min-max)" if config.get("REPLICATES", 1) > 1 else ""),
              f"Run           {', '.join(run) or 'none'}",
              *[f"{'Wall time' if i == 0 else '':<14}{k} {_duration(v)}"
                for i, (k, v) in enumerate(walls.items())],
@@ -1246,13 +1562,27 @@ def _run_summary(results):
     return "\n".join(lines)
 
 
-def plot_results(results, path):
-    """Draw the 3 x 4 composite figure of `results` (a dict as the drivers return it, or
-    as loaded from the results JSON) and write it atomically to `path`."""
+def _figure(rows, cols, size):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, 4, figsize=(20, 14))
+    return plt.subplots(rows, cols, figsize=size)
+
+
+def _save_figure(fig, results, title, path):
+    import matplotlib.pyplot as plt
+    noise = results.get("config", {}).get("LABEL_NOISE", LABEL_NOISE)
+    fig.suptitle(f"{title} on MNIST-1D with {noise:.0%} label noise", fontsize=15)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=FIGURE_DPI))
+    plt.close(fig)
+
+
+def plot_results(results, path):
+    """Draw the 3 x 4 composite figure of `results` (a dict as the drivers return it, or
+    as loaded from the results JSON) and write it atomically to `path`."""
+    fig, axes = _figure(3, 4, (20, 14))
     _plot_exp1([axes[0, 0], axes[0, 1], axes[0, 2], axes[0, 3], axes[1, 0]],
                results.get("exp1"))
     _plot_exp2(axes[1, 1], results.get("exp2"))
@@ -1265,26 +1595,84 @@ def plot_results(results, path):
               family="monospace", transform=info.transAxes)
     for ax in axes.flat:
         ax.grid(alpha=0.3) if ax.axison and ax is not axes[2, 0] else None
-    fig.suptitle("Double descent, neural collapse and CKA on MNIST-1D with "
-                 f"{results.get('config', {}).get('LABEL_NOISE', LABEL_NOISE):.0%} label noise",
-                 fontsize=15)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
-    write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=FIGURE_DPI))
-    plt.close(fig)
+    _save_figure(fig, results, "Double descent, neural collapse and CKA", path)
+
+
+
+def _plot_layer_nc1(ax, name, series):
+    title = f"NC1 per layer: {name.replace('_', ' + ')}"
+    if not series or "per_layer" not in series:
+        return _not_run(ax, title)
+    everything = []
+    for layer, color, (style, width) in zip(LAYERS, LAYER_COLORS, LAYER_STYLES):
+        y = _values(series["per_layer"][layer]["nc1"])
+        everything.append(y)
+        ax.plot(series["params"], y, marker="o", ms=3, color=color, ls=style, lw=width,
+                label=layer)
+        _band(ax, series["params"], _replicates_of(series, "per_layer", layer, "nc1"), color)
+    _positive_log(ax, np.concatenate(everything))
+    ax.set_xscale("log")
+    ax.set_xlabel("Parameters")
+    ax.set_ylabel("NC1  Tr(Σ_W)/Tr(Σ_B), training set")
+    ax.set_title(title)
+    ax.legend(fontsize=7, title="L3 = penultimate", title_fontsize=7)
+
+
+def _plot_alpha(ax, title, xlabel, curves):
+    """Layer-averaged power-law alpha: one (label, x, spectra, replicates of alpha, color,
+    marker) per curve, where spectra holds "alpha" (solid) and "alpha_all" (dotted)."""
+    if not curves:
+        return _not_run(ax, title)
+    for label, x, spectra, replicates, color, marker in curves:
+        ax.plot(x, _values(spectra["alpha"]), marker=marker, ms=4, color=color, label=label)
+        _band(ax, x, replicates, color)
+        ax.plot(x, _values(spectra["alpha_all"]), ls=":", lw=1, color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("Layer-averaged α")
+    ax.set_title(title)
+    ax.legend(fontsize=7, title=f"solid: weights with ≥ {ESD_MIN_EVALS} eigenvalues\n"
+                                "dotted: every weight (unreliable fits)", title_fontsize=7)
+
+
+def plot_layers(results, path):
+    """The second figure: NC1 in every layer against model size, one panel per Exp 1
+    configuration, and the layer-averaged power-law alpha of the weight spectra against
+    size (Exp 1) and epoch (Exp 2); written atomically to `path`."""
+    fig, axes = _figure(2, 3, (17, 10))
+    exp1 = results.get("exp1") or {}
+    for ax, name in zip([axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]], CONFIG_STYLE):
+        _plot_layer_nc1(ax, name, exp1.get(name))
+    _plot_alpha(axes[0, 2], "Weight spectra: power-law α vs size (Exp 1)", "Parameters",
+                [(name.replace("_", " + "), series["params"], series["esd"],
+                  _replicates_of(series, "esd", "alpha"), *CONFIG_STYLE.get(name, (None, "o")))
+                 for name, series in exp1.items() if "esd" in series])
+    exp2 = results.get("exp2") or {}
+    _plot_alpha(axes[1, 2], "Weight spectra: power-law α vs epoch (Exp 2)", "Epoch",
+                [(f"{name} (w={series['width']})", series["epoch"], series,
+                  _replicates_of(series, "alpha"), color, None)
+                 for (name, series), color in zip(exp2.items(), EPOCH_WISE_COLORS)
+                 if "alpha" in series])
+    for ax in axes.flat:
+        ax.grid(alpha=0.3) if ax.axison else None
+    _save_figure(fig, results, "Neural collapse in every layer and heavy-tailed weight spectra",
+                 path)
 
 
 # ----------------------------------------------------------------------------------------
 # 8. Command line (SPEC section 8)
 # ----------------------------------------------------------------------------------------
 RESULTS_NAME = "neural_collapse_cka_results"
+LAYERS_NAME = "neural_collapse_layers"
 DRIVERS = {1: run_model_wise_complete, 2: run_epoch_wise_dynamics, 3: run_generalized_nc,
            4: run_cka_experiment}
 
 # Integers that must be >= 1 (every other number must be >= 0).
 _AT_LEAST_ONE = {"BATCH_SIZE", "EPOCH_WISE_POINTS", "GEN_NC_WIDTH", "CKA_SMALL_WIDTH",
                  "CKA_LARGE_WIDTH", "CKA_WIDTH", "CKA_SUBSET", "FIGURE_DPI", "TRAIN_SUBSET",
-                 "WIDTHS", "DIMS", "CKA_DRIFT_EPOCHS", "EPOCH_WISE_WIDTHS"}
+                 "WIDTHS", "DIMS", "CKA_DRIFT_EPOCHS", "EPOCH_WISE_WIDTHS", "REPLICATES"}
+# String globals and the values they may take.
+_CHOICES = {"CKA_ESTIMATOR": list(CKA_ESTIMATORS), "CKA_CONV": CKA_CONV_MODES}
 
 
 def hyperparameters():
@@ -1329,6 +1717,8 @@ def check_setting(name, value):
         if not isinstance(value, dict) or not value or not all(
                 isinstance(k, str) and is_int(v) and v >= 1 for k, v in value.items()):
             fail(f"a non-empty dict of name: width, like {default}")
+    elif name in _CHOICES and value not in _CHOICES[name]:
+        fail("one of " + ", ".join(_CHOICES[name]))
     elif isinstance(default, str) and not isinstance(value, str):
         fail("a string")
     return value
@@ -1393,9 +1783,19 @@ def run_study(experiments, out_dir, device, preset, log=print):
     walls["total"] = time.time() - start
     json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
     save_json(json_path, results)
-    plot_results(results, os.path.join(out_dir, RESULTS_NAME + ".png"))
-    log(f"wrote {json_path} and {RESULTS_NAME}.png in {_duration(walls['total'])}")
+    figures = draw_figures(results, out_dir)
+    log(f"wrote {json_path}, {' and '.join(map(os.path.basename, figures))} in "
+        f"{_duration(walls['total'])}")
     return results
+
+
+def draw_figures(results, out_dir):
+    """Both figures of `results` into `out_dir`; returns their paths."""
+    paths = [os.path.join(out_dir, RESULTS_NAME + ".png"),
+             os.path.join(out_dir, LAYERS_NAME + ".png")]
+    plot_results(results, paths[0])
+    plot_layers(results, paths[1])
+    return paths
 
 
 def load_results(path):
@@ -1481,9 +1881,7 @@ def main(argv=None):
             out_dir = args.out if "--out" in (argv or sys.argv) else os.path.dirname(
                 os.path.abspath(args.plot_only))
             _writable_dir(out_dir)
-            path = os.path.join(out_dir, RESULTS_NAME + ".png")
-            plot_results(results, path)
-            print(f"wrote {path}")
+            print("wrote " + " and ".join(draw_figures(results, out_dir)))
             return 0
         experiments = _parse_experiments(args.experiments)
         settings = dict(PRESETS[args.preset])

@@ -15,3 +15,13 @@ def data_cache(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("data") / "mnist1d.npz")
     ncc.load_mnist1d(path)
     return path
+
+
+@pytest.fixture
+def tiny(monkeypatch, data_cache, tmp_path):
+    """Small, fast settings for calling the drivers; the data comes from the shared cache."""
+    monkeypatch.setattr(ncc, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(ncc, "_cache_path", lambda args: data_cache)
+    monkeypatch.setattr(ncc, "TRAIN_SUBSET", 200)
+    monkeypatch.setattr(ncc, "CKA_SUBSET", 50)
+    return tmp_path

@@ -39,6 +39,7 @@ def numbers_only(results):
     for exp in ("exp1", "exp3"):
         for series in [results[exp]] if exp == "exp3" else results[exp].values():
             series.pop("seconds", None)
+            series["replicates"].pop("seconds", None)
     return results
 
 
@@ -55,8 +56,18 @@ def test_smoke_run_writes_figure_and_results_with_the_spec_layout(smoke_run):
     assert set(results["exp4"]) >= {"layers", "cross_arch", "epochs", "drift", "seed_pairs",
                                     "cross_seed"}
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
-    # one progress line per model: 8 + 2 + 3 + 5 in the smoke preset
-    assert result.stdout.count(" done") == 18
+    # one progress line per model: 2 replicates of 8 + 2 + 3, and 5, in the smoke preset
+    assert result.stdout.count(" done") == 31
+    # issue 5: replicates, NC in every layer, weight spectra, the CKA settings, 2nd figure
+    assert (out / "neural_collapse_layers.png").read_bytes()[:8] == png[:8]
+    series = results["exp1"]["CNN_SGD"]
+    assert results["config"]["REPLICATES"] == 2 and series["replicate_count"] == 2
+    assert [len(v) for v in series["replicates"]["test_err"]] == [2, 2]
+    assert set(series["per_layer"]) == {"L0", "L1", "L2", "L3"}
+    assert set(series["per_layer"]["L1"]) == {"nc1", "nc1_pinv", "nc4"}
+    assert {"alpha", "alpha_all", "layers"} <= set(series["esd"])
+    assert {"alpha", "alpha_all"} <= set(results["exp2"]["large"])
+    assert (results["exp4"]["estimator"], results["exp4"]["cka_conv"]) == ("linear", "pool")
 
 
 def test_plot_only_redraws_without_training(smoke_run, tmp_path, data_dir):
@@ -65,6 +76,7 @@ def test_plot_only_redraws_without_training(smoke_run, tmp_path, data_dir):
                  data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / f"{NAME}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "neural_collapse_layers.png").read_bytes()[:4] == b"\x89PNG"
     assert "exp1]" not in result.stdout  # nothing trained
 
 
@@ -84,6 +96,9 @@ BAD_INPUTS = [
     (["--set", "WIDTHS=[]"], "WIDTHS"),
     (["--set", "EPOCHS_MODEL_WISE=-3"], "EPOCHS_MODEL_WISE"),
     (["--set", "LABEL_NOISE"], "NAME=VALUE"),
+    (["--set", "CKA_CONV=flat"], "CKA_CONV"),
+    (["--set", "CKA_ESTIMATOR=unbiased"], "CKA_ESTIMATOR"),
+    (["--set", "REPLICATES=0"], "REPLICATES"),
     (["--device", "tpu"], "device"),
     (["--seed", "x"], "seed"),
 ]
