@@ -1607,15 +1607,22 @@ def _plot_layer_nc1(ax, name, series):
     for layer, color, (style, width) in zip(LAYERS, LAYER_COLORS, LAYER_STYLES):
         y = _values(series["per_layer"][layer]["nc1"])
         everything.append(y)
-        ax.plot(series["params"], y, marker="o", ms=3, color=color, ls=style, lw=width,
+        ax.plot(series["width"], y, marker="o", ms=3, color=color, ls=style, lw=width,
                 label=layer)
-        _band(ax, series["params"], _replicates_of(series, "per_layer", layer, "nc1"), color)
+        _band(ax, series["width"], _replicates_of(series, "per_layer", layer, "nc1"), color)
     _positive_log(ax, np.concatenate(everything))
-    ax.set_xscale("log")
-    ax.set_xlabel("Parameters")
+    _width_axis(ax, series["width"])
     ax.set_ylabel("NC1  Tr(Σ_W)/Tr(Σ_B), training set")
     ax.set_title(title)
     ax.legend(fontsize=7, title="L3 = penultimate", title_fontsize=7)
+
+
+def _width_axis(ax, widths):
+    import matplotlib.ticker
+    ax.set_xscale("log")
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("Width w")
 
 
 def _plot_alpha(ax, title, xlabel, curves):
@@ -1627,8 +1634,11 @@ def _plot_alpha(ax, title, xlabel, curves):
         ax.plot(x, _values(spectra["alpha"]), marker=marker, ms=4, color=color, label=label)
         _band(ax, x, replicates, color)
         ax.plot(x, _values(spectra["alpha_all"]), ls=":", lw=1, color=color)
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
+    if xlabel == "Width w":
+        _width_axis(ax, sorted({w for curve in curves for w in curve[1]}))
+    else:
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
     ax.set_ylabel("Layer-averaged α")
     ax.set_title(title)
     ax.legend(fontsize=7, title=f"solid: weights with ≥ {ESD_MIN_EVALS} eigenvalues\n"
@@ -1636,15 +1646,15 @@ def _plot_alpha(ax, title, xlabel, curves):
 
 
 def plot_layers(results, path):
-    """The second figure: NC1 in every layer against model size, one panel per Exp 1
+    """The second figure: NC1 in every layer against width, one panel per Exp 1
     configuration, and the layer-averaged power-law alpha of the weight spectra against
-    size (Exp 1) and epoch (Exp 2); written atomically to `path`."""
+    width (Exp 1) and epoch (Exp 2); written atomically to `path`."""
     fig, axes = _figure(2, 3, (17, 10))
     exp1 = results.get("exp1") or {}
     for ax, name in zip([axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]], CONFIG_STYLE):
         _plot_layer_nc1(ax, name, exp1.get(name))
-    _plot_alpha(axes[0, 2], "Weight spectra: power-law α vs size (Exp 1)", "Parameters",
-                [(name.replace("_", " + "), series["params"], series["esd"],
+    _plot_alpha(axes[0, 2], "Weight spectra: power-law α vs width (Exp 1)", "Width w",
+                [(name.replace("_", " + "), series["width"], series["esd"],
                   _replicates_of(series, "esd", "alpha"), *CONFIG_STYLE.get(name, (None, "o")))
                  for name, series in exp1.items() if "esd" in series])
     exp2 = results.get("exp2") or {}
