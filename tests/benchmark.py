@@ -9,6 +9,13 @@ in one run on one machine, printing model-epochs per second and their ratio.
     Both evaluate every trained model (errors and NC metrics), as the experiments do.
 
     python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...]
+
+With --bound (CPU), it times one epoch of every Exp 1 model alone three ways, the plain
+way on all threads, the plain way on one thread, and this script's loop on one thread,
+and prints the most that two one-thread worker processes could gain over the plain way
+if they split the work perfectly: sum(plain, all threads) / (sum(ours, one thread) / 2).
+
+    python tests/benchmark.py --bound
 """
 import argparse
 import os
@@ -47,6 +54,52 @@ def plain(specs, data, epochs, device):
     sync(device)
 
 
+def plain_epoch(model, opt, loader):
+    for xb, yb in loader:
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def ours_epoch(model, data):
+    ncc.train_models([model], data, "Adam", 1, [0])
+
+
+def seconds_per_epoch(run, threads, repeats=2):
+    """One warm-up epoch, then the mean of `repeats` epochs, on `threads` threads."""
+    torch.set_num_threads(threads)
+    run()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return (time.perf_counter() - start) / repeats
+
+
+def bound(widths, data):
+    threads = torch.get_num_threads()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data["x_train"], data["y_train"]),
+        batch_size=ncc.BATCH_SIZE, shuffle=True)
+    print(f"one epoch of each model alone, Adam, seconds; plain on {threads} threads")
+    print(f"{'model':<12} {'plain ' + str(threads) + 't':>9} {'plain 1t':>9} {'ours 1t':>9}")
+    totals = [0.0, 0.0, 0.0]
+    for arch in ("ResNet", "CNN"):
+        for w in widths:
+            model = ncc.make_model(arch, w, 0).train()
+            opt = torch.optim.Adam(model.parameters(), lr=ncc.ADAM_LR)
+            times = [seconds_per_epoch(lambda: plain_epoch(model, opt, loader), threads),
+                     seconds_per_epoch(lambda: plain_epoch(model, opt, loader), 1),
+                     seconds_per_epoch(lambda: ours_epoch(model, data), 1)]
+            totals = [a + b for a, b in zip(totals, times)]
+            print(f"{arch + ' w=' + str(w):<12} " + " ".join(f"{t:9.3f}" for t in times),
+                  flush=True)
+    torch.set_num_threads(threads)
+    print(f"{'sum':<12} " + " ".join(f"{t:9.2f}" for t in totals))
+    print(f"most two one-thread workers can gain over plain on {threads} threads: "
+          f"{totals[0] / (totals[2] / 2):.2f}x (Adam and SGD cost the same per step)")
+
+
 def ours(specs, data, epochs, device):
     """What the drivers do: fused groups, longest first, CPU worker processes (training and
     evaluation; nothing written)."""
@@ -62,10 +115,14 @@ def main():
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--widths", default=",".join(map(str, ncc.WIDTHS)))
+    p.add_argument("--bound", action="store_true",
+                   help="CPU: time each model alone and print the two-worker upper bound")
     args = p.parse_args()
     device = ncc.resolve_device(args.device)
     widths = [int(w) for w in args.widths.split(",")]
     data = ncc.get_data(device=device)
+    if args.bound:
+        return bound(widths, data)
     specs = [{"arch": a, "optimizer": o, "width": w, "epochs": args.epochs}
              for a in ("ResNet", "CNN") for o in ("SGD", "Adam") for w in widths]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
