@@ -1045,7 +1045,7 @@ class ModelRuns:
         what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
         if spec.get("d") is not None:
             what += f" d={spec['d']}"
-        if REPLICATES > 1 and "replicate" in spec:
+        if spec.get("replicate", 0) > 0 or (REPLICATES > 1 and "replicate" in spec):
             what += f" rep={spec['replicate']}"
         if "seed" in spec:
             what += f" seed={spec['seed']}"
