@@ -27,6 +27,8 @@ References
         random matrix theory and implications for learning", JMLR 22, 2021.
     Clauset, Shalizi & Newman, "Power-law distributions in empirical data", SIAM Review
         51(4), 2009.
+    Alstott, Bullmore & Plenz, "powerlaw: a Python package for analysis of heavy-tailed
+        distributions", PLoS ONE 9(1), e85777, 2014.
 """
 
 import argparse
@@ -567,11 +569,13 @@ def weight_eigenvalues(weight):
 
 
 def powerlaw_alpha(eigenvalues):
-    """Power-law fit of the tail of an ESD as weightwatcher does by default (Clauset, Shalizi
-    & Newman 2009): every eigenvalue but the largest is a candidate xmin; for each, the
-    maximum-likelihood alpha = 1 + n / sum ln(x_i / xmin) over the n eigenvalues >= xmin and
-    the Kolmogorov-Smirnov distance D between their empirical CDF and the fitted
-    F(x) = 1 - (x / xmin)^(1 - alpha); the xmin with the smallest D is kept.
+    """Power-law fit of the tail of an ESD as weightwatcher does by default, through the
+    `powerlaw` package (Alstott et al. 2014; Clauset, Shalizi & Newman 2009): every
+    eigenvalue but the largest is a candidate xmin; for each, the maximum-likelihood
+    alpha = 1 + n / sum ln(x_i / xmin) over the n eigenvalues >= xmin and the
+    Kolmogorov-Smirnov distance D = max_i |F(x_i) - i/n| between the fitted
+    F(x) = 1 - (x / xmin)^(1 - alpha) and the empirical CDF, which `powerlaw` takes as i/n
+    at the i-th smallest tail value (i = 0 .. n-1); the xmin with the smallest D is kept.
 
     Returns alpha, xmin, D, num_evals (positive eigenvalues), num_tail (n at the chosen
     xmin) and reliable (num_evals >= ESD_MIN_EVALS). Fewer than two distinct positive
@@ -587,9 +591,7 @@ def powerlaw_alpha(eigenvalues):
         n = len(tail)
         alpha = 1.0 + n / log_sum
         fitted_cdf = 1.0 - (tail / tail[0]) ** (1.0 - alpha)
-        # two-sided KS distance: the empirical CDF jumps from (j-1)/n to j/n at the j-th value
-        d = max(np.max(np.arange(1, n + 1) / n - fitted_cdf),
-                np.max(fitted_cdf - np.arange(n) / n))
+        d = np.max(np.abs(fitted_cdf - np.arange(n) / n))
         if not d >= best["D"]:  # also true while best D is NaN
             best = {"alpha": float(alpha), "xmin": float(tail[0]), "D": float(d), "num_tail": n}
     return {**best, "num_evals": len(x), "reliable": bool(len(x) >= ESD_MIN_EVALS)}

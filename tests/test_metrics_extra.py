@@ -122,8 +122,8 @@ def test_powerlaw_fit_recovers_alpha_of_a_pareto_sample_within_three_sigma(alpha
 
 
 def naive_powerlaw_fit(x):
-    """The same procedure, one candidate at a time, with the KS distance taken as the
-    largest gap between the fitted CDF and both sides of every empirical step."""
+    """The same procedure, one candidate at a time, with the empirical CDF of the `powerlaw`
+    package: j/n at the j-th smallest tail value, j = 0 .. n-1."""
     x = sorted(x)
     best = None
     for i in range(len(x) - 1):
@@ -133,7 +133,7 @@ def naive_powerlaw_fit(x):
         gaps = []
         for j, v in enumerate(tail):
             fitted = 1 - (v / tail[0]) ** (1 - alpha)
-            gaps += [abs((j + 1) / n - fitted), abs(j / n - fitted)]
+            gaps.append(abs(j / n - fitted))
         if best is None or max(gaps) < best[2]:
             best = (alpha, tail[0], max(gaps))
     return best
