@@ -1632,10 +1632,16 @@ def _plot_alpha(ax, title, xlabel, curves):
     marker) per curve, where spectra holds "alpha" (solid) and "alpha_all" (dotted)."""
     if not curves:
         return _not_run(ax, title)
+    reliable = [np.nan]
     for label, x, spectra, replicates, color, marker in curves:
         ax.plot(x, _values(spectra["alpha"]), marker=marker, ms=4, color=color, label=label)
         _band(ax, x, replicates, color)
         ax.plot(x, _values(spectra["alpha_all"]), ls=":", lw=1, color=color)
+        reliable += [v for r in (replicates or []) for v in _values(r)]
+    if np.isfinite(reliable).any():
+        # a fit on a handful of eigenvalues can give alpha in the hundreds: scale the axis to
+        # the reliable fits and let the dotted curves leave it
+        ax.set_ylim(0, max(6.0, 1.2 * np.nanmax(reliable)))
     if xlabel == "Width w":
         _width_axis(ax, sorted({w for curve in curves for w in curve[1]}))
     else:
@@ -1644,7 +1650,8 @@ def _plot_alpha(ax, title, xlabel, curves):
     ax.set_ylabel("Layer-averaged α")
     ax.set_title(title)
     ax.legend(fontsize=7, title=f"solid: weights with ≥ {ESD_MIN_EVALS} eigenvalues\n"
-                                "dotted: every weight (unreliable fits)", title_fontsize=7)
+                                "dotted: every weight (unreliable fits; clipped)",
+              title_fontsize=7)
 
 
 def plot_layers(results, path):
