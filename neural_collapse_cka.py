@@ -936,21 +936,28 @@ class ModelRuns:
         """Records of the models of `specs`, in order: loaded when an earlier run finished
         them, else trained (fused in `groups`). `measure(spec, model, epoch)` is called at
         the epochs in spec["checkpoints"]; its dicts are kept in record["checkpoints"].
-        With keep_models, returns (records, trained models)."""
-        done = {}
-        for i, spec in enumerate(specs):
-            json_path, weights_path = self._paths(spec) if self.records_dir else (None, None)
-            if json_path and os.path.exists(json_path):
+        With keep_models, returns (records, trained models).
+
+        Groups are formed from all of `specs`, finished or not, so a resumed run trains
+        exactly the groups of an uninterrupted one; a group that an interruption left
+        partly saved is trained again whole (fused models round differently in another
+        group, see FusedModels)."""
+        index = {self.key(spec): i for i, spec in enumerate(specs)}
+        done, todo = {}, []
+        for group in self.groups(specs):
+            paths = [self._paths(spec) if self.records_dir else (None, None) for spec in group]
+            if not all(json_path and os.path.exists(json_path) for json_path, _ in paths):
+                todo.append(group)
+                continue
+            for spec, (json_path, weights_path) in zip(group, paths):
                 with open(json_path) as f:
                     record = json.load(f)
                 model = (self._rebuild(spec, torch.load(weights_path, weights_only=True))
                          if keep_models else None)
-                done[i] = (record, model)
+                done[index[self.key(spec)]] = (record, model)
                 self._report(spec, record, self.cost(spec), cached=True)
-        todo = [spec for i, spec in enumerate(specs) if i not in done]
-        groups = sorted(self.groups(todo), key=lambda g: -sum(map(self.cost, g)))
-        index = {self.key(spec): i for i, spec in enumerate(specs)}
-        for group, fitted in self._fit_groups(groups, measure):
+        todo.sort(key=lambda g: -sum(map(self.cost, g)))
+        for group, fitted in self._fit_groups(todo, measure):
             for spec, (record, model) in zip(group, fitted):
                 done[index[self.key(spec)]] = (self._store(spec, record, model), model)
         records = [done[i][0] for i in range(len(specs))]
