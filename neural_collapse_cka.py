@@ -86,7 +86,7 @@ CKA_WIDTH = 32
 CKA_DRIFT_EPOCHS = [1, 50, 200, 500, 1000, 2000]
 CKA_SEEDS = [42, 123, 456]
 CKA_SUBSET = 500               # fixed, seeded subset of training inputs for CKA
-CKA_ESTIMATOR = "linear"       # "linear" (Kornblith et al. 2019) or "debiased" (Song et al. 2012)
+CKA_ESTIMATOR = "linear"       # "linear" (Kornblith et al. 2019), "debiased" (Song et al. 2012)
 CKA_CONV = "pool"              # conv activations (n, C, L): "pool" over L, or "flatten" to C*L
 
 # Metrics: Sigma_B is pseudo-inverted on its top min(K-1, d) eigenpairs, and of those only
@@ -1017,7 +1017,7 @@ class ModelRuns:
                           "nc_train": nan_nc, "nc_test": dict(nan_nc),
                           "per_layer": {layer: dict.fromkeys(LAYER_NC_NAMES, float("nan"))
                                         for layer in LAYERS}}
-                with warnings.catch_warnings():  # NaN weights: NaN spectra, said once above
+                with warnings.catch_warnings():  # NaN weights: NaN spectra, not a warning each
                     warnings.simplefilter("ignore")
                     scores["esd"] = model_esd(model)
             else:
