@@ -1634,9 +1634,10 @@ def _width_axis(ax, widths):
     ax.set_xlabel("Width w")
 
 
-def _plot_alpha(ax, title, xlabel, curves):
+def _plot_alpha(ax, title, curves, by_width):
     """Layer-averaged power-law alpha: one (label, x, spectra, replicates of alpha, color,
-    marker) per curve, where spectra holds "alpha" (solid) and "alpha_all" (dotted)."""
+    marker) per curve, where spectra holds "alpha" (solid) and "alpha_all" (dotted); x is
+    the width (by_width) or the epoch."""
     if not curves:
         return _not_run(ax, title)
     reliable = [np.nan]
@@ -1645,20 +1646,24 @@ def _plot_alpha(ax, title, xlabel, curves):
         _band(ax, x, replicates, color)
         ax.plot(x, _values(spectra["alpha_all"]), ls=":", lw=1, color=color)
         reliable += [v for r in (replicates or []) for v in _values(r)]
-    if np.isfinite(reliable).any():
+    clipped = np.isfinite(reliable).any()
+    if clipped:
         # a fit on a handful of eigenvalues can give alpha in the hundreds: scale the axis to
         # the reliable fits and let the dotted curves leave it
         ax.set_ylim(0, max(6.0, 1.2 * np.nanmax(reliable)))
-    if xlabel == "Width w":
+    else:
+        ax.text(0.5, 0.5, f"no weight has {ESD_MIN_EVALS} eigenvalues:\nno reliable fit",
+                ha="center", va="center", color="0.45", transform=ax.transAxes)
+    if by_width:
         _width_axis(ax, sorted({w for curve in curves for w in curve[1]}))
     else:
         ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel("Epoch")
     ax.set_ylabel("Layer-averaged α")
     ax.set_title(title)
     ax.legend(fontsize=7, title=f"solid: weights with ≥ {ESD_MIN_EVALS} eigenvalues\n"
-                                "dotted: every weight (unreliable fits; clipped)",
-              title_fontsize=7)
+                                "dotted: every weight (unreliable fits"
+                                + ("; clipped)" if clipped else ")"), title_fontsize=7)
 
 
 def plot_layers(results, path):
@@ -1669,16 +1674,16 @@ def plot_layers(results, path):
     exp1 = results.get("exp1") or {}
     for ax, name in zip([axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]], CONFIG_STYLE):
         _plot_layer_nc1(ax, name, exp1.get(name))
-    _plot_alpha(axes[0, 2], "Weight spectra: power-law α vs width (Exp 1)", "Width w",
+    _plot_alpha(axes[0, 2], "Weight spectra: power-law α vs width (Exp 1)",
                 [(name.replace("_", " + "), series["width"], series["esd"],
                   _replicates_of(series, "esd", "alpha"), *CONFIG_STYLE.get(name, (None, "o")))
-                 for name, series in exp1.items() if "esd" in series])
+                 for name, series in exp1.items() if "esd" in series], by_width=True)
     exp2 = results.get("exp2") or {}
-    _plot_alpha(axes[1, 2], "Weight spectra: power-law α vs epoch (Exp 2)", "Epoch",
+    _plot_alpha(axes[1, 2], "Weight spectra: power-law α vs epoch (Exp 2)",
                 [(f"{name} (w={series['width']})", series["epoch"], series,
                   _replicates_of(series, "alpha"), color, None)
                  for (name, series), color in zip(exp2.items(), EPOCH_WISE_COLORS)
-                 if "alpha" in series])
+                 if "alpha" in series], by_width=False)
     for ax in axes.flat:
         ax.grid(alpha=0.3) if ax.axison else None
     _save_figure(fig, results, "Neural collapse in every layer and heavy-tailed weight spectra",
