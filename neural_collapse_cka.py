@@ -659,6 +659,19 @@ def make_optimizer(model, name, epochs):
     raise ValueError(f"unknown optimizer {name!r}; allowed: SGD, Adam")
 
 
+EVAL_CHUNK = 500  # inputs per evaluation forward pass: all 4000 at once spill the CPU cache
+                  # (ResNet w = 64, one thread: 0.50 s against 0.19 s in chunks; same values)
+
+
+def _in_chunks(forward, x):
+    """forward(x) computed on chunks of EVAL_CHUNK inputs and concatenated; `forward` returns
+    a tensor or a list of tensors (then a list comes back)."""
+    outs = [forward(x[start:start + EVAL_CHUNK]) for start in range(0, len(x), EVAL_CHUNK)]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
 @torch.no_grad()
 def evaluate(model, data):
     """Errors and NC metrics in eval mode: on the training set with the (noisy) labels the
@@ -668,7 +681,7 @@ def evaluate(model, data):
     out = {}
     for split, x, y in [("train", data["x_train"], data["y_train"]),
                         ("test", data["x_test"], data["y_test"])]:
-        h = model.features(x)[-1]
+        h = _in_chunks(lambda inputs: model.features(inputs)[-1], x)
         logits = model.classifier(h)
         out[f"{split}_err"] = float((logits.argmax(1) != y).float().mean())
         out[f"{split}_loss"] = float(F.cross_entropy(logits, y))
@@ -1021,9 +1034,7 @@ class ModelRuns:
                     warnings.simplefilter("ignore")
                     scores["esd"] = model_esd(model)
             else:
-                scores = {**evaluate(model, self.data),
-                          "per_layer": layer_collapse(model, self.data),
-                          "esd": model_esd(model)}
+                scores = analyse_model(model, self.data)
             fitted.append(({**spec, "seed": seed, "params": count_parameters(model), **fit,
                             **scores, "checkpoints": curve, "seconds": seconds,
                             "trained_with": len(group)}, model.eval()))
@@ -1278,8 +1289,9 @@ def layer_representations(model, x, conv="pool"):
     _check_choice("conv", conv, CKA_CONV_MODES)
     was_training = model.training
     model.eval()
-    reps = [(f.mean(dim=2) if conv == "pool" else f.flatten(1)) if f.dim() == 3 else f
-            for f in model.features(x)]
+    reps = _in_chunks(lambda inputs: [
+        (f.mean(dim=2) if conv == "pool" else f.flatten(1)) if f.dim() == 3 else f
+        for f in model.features(inputs)], x)
     model.train(was_training)
     return [r.detach().cpu().double().numpy() for r in reps]
 
@@ -1304,6 +1316,13 @@ def model_esd(model):
             "alpha_all": _nanmean([m["alpha"] for m in layers.values()]),
             "reliable_layers": sum(m["reliable"] for m in layers.values()),
             "layers": layers}
+
+
+def analyse_model(model, data):
+    """Everything recorded about a trained model: `evaluate`'s errors and NC metrics, the
+    per-layer collapse and the weight spectra."""
+    return {**evaluate(model, data), "per_layer": layer_collapse(model, data),
+            "esd": model_esd(model)}
 
 
 def cka_inputs(data):

@@ -6,7 +6,7 @@ in one run on one machine, printing model-epochs per second and their ratio.
     ours:  this script's path: the whole dataset on the device, models grouped and trained
            side by side by `train_models` (on a GPU every width of one architecture and
            optimizer together; on a CPU models of equal width, in WORKERS processes).
-    Both evaluate every trained model (errors and NC metrics), as the experiments do.
+    Both analyse every trained model as Exp 1 does (errors, NC metrics, per-layer NC, spectra).
 
     python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...]
 
@@ -50,7 +50,7 @@ def plain(specs, data, epochs, device):
                 opt.step()
             if scheduler is not None:
                 scheduler.step()
-        ncc.evaluate(model, data)  # errors and NC metrics, as every experiment does
+        ncc.analyse_model(model, data)  # what every Exp 1 model records, as `ours` does
     sync(device)
 
 

@@ -160,3 +160,23 @@ def test_both_figures_draw_from_results_without_issue_5_keys(tmp_path):
     assert "replicates" not in results["exp3"]
     paths = ncc.draw_figures(results, str(tmp_path))
     assert all(open(p, "rb").read(4) == b"\x89PNG" for p in paths)
+
+
+def test_evaluation_in_chunks_equals_one_whole_batch_pass(tiny, monkeypatch):
+    """Evaluation runs the model on EVAL_CHUNK inputs at a time (cache-sized); the values do
+    not depend on the chunking, an uneven last chunk included."""
+    data = ncc.experiment_data(torch.device("cpu"))
+    model = ncc.make_model("ResNet", 6, seed=3)
+    ncc.train_model(model, data, "SGD", 2, seed=3)
+    results = []
+    for chunk in (len(data["x_train"]), 64, 37):
+        monkeypatch.setattr(ncc, "EVAL_CHUNK", chunk)
+        results.append((ncc.evaluate(model, data),
+                        ncc.layer_representations(model, data["x_train"], "flatten")))
+    (whole, whole_reps), rest = results[0], results[1:]
+    for scores, reps in rest:
+        assert scores["train_err"] == whole["train_err"]
+        assert scores["nc_train"] == pytest.approx(whole["nc_train"], rel=1e-6, nan_ok=True)
+        assert scores["nc_test"] == pytest.approx(whole["nc_test"], rel=1e-6, nan_ok=True)
+        for rep, whole_rep in zip(reps, whole_reps):
+            np.testing.assert_allclose(rep, whole_rep, rtol=1e-6, atol=1e-7)
