@@ -743,19 +743,26 @@ class FusedModels(nn.Module):
                             getattr(self, key + "_running_var"), getattr(self, key + "_weight"),
                             getattr(self, key + "_bias"), training=self.training)
 
+    # ReLU and the skip addition work in place on BatchNorm's output (BatchNorm's backward
+    # needs its input, not its output): the same values, one fresh activation fewer each,
+    # about 5% of a CPU epoch (`--bound`'s "ours" column).
+    def _bn_relu(self, x, name):
+        return F.relu(self._bn(x, name), inplace=True)
+
     def _block(self, x, name):
-        out = F.relu(self._bn(self._conv(x, name + ".conv1"), name + ".bn1"))
-        return F.relu(x + self._bn(self._conv(out, name + ".conv2"), name + ".bn2"))
+        out = self._bn_relu(self._conv(x, name + ".conv1"), name + ".bn1")
+        return F.relu(self._bn(self._conv(out, name + ".conv2"), name + ".bn2").add_(x),
+                      inplace=True)
 
     def forward(self, x):
         if self.arch == "ResNet":
-            out = F.relu(self._bn(self._conv(x, "stem.0"), "stem.1"))
+            out = self._bn_relu(self._conv(x, "stem.0"), "stem.1")
             out = self._block(self._block(out, "block1"), "block2")
         else:
             out = x
             for name, pooled in [("block1.0", True), ("block2.0", True), ("block3", False),
                                  ("block4", False)]:
-                out = F.relu(self._bn(self._conv(out, name + ".0"), name + ".1"))
+                out = self._bn_relu(self._conv(out, name + ".0"), name + ".1")
                 out = F.max_pool1d(out, 2) if pooled else out
         h = out.mean(dim=2).view(len(x), self.size, -1)
         if hasattr(self, "projector_weight"):
