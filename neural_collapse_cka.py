@@ -654,8 +654,10 @@ def make_optimizer(model, name, epochs):
                               weight_decay=SGD_WEIGHT_DECAY)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     if name == "Adam":
-        return torch.optim.Adam(model.parameters(), lr=ADAM_LR,
-                                weight_decay=ADAM_WEIGHT_DECAY), None
+        # fused: one kernel per tensor instead of about ten (CPU: a tenth of an epoch);
+        # the same update up to rounding
+        return torch.optim.Adam(model.parameters(), lr=ADAM_LR, weight_decay=ADAM_WEIGHT_DECAY,
+                                fused=True), None
     raise ValueError(f"unknown optimizer {name!r}; allowed: SGD, Adam")
 
 

@@ -45,8 +45,9 @@ def dtype(request):
 @pytest.mark.parametrize("arch, widths, dims", CASES)
 def test_fused_equals_one_by_one_after_five_steps(arch, widths, dims, optimizer, dtype):
     # float64 shows the two are the same computation (they agree to ~1e-15); in float32
-    # the grouped kernels round differently, and Adam, which divides each gradient by its
-    # running RMS, magnifies that on near-zero gradients (up to 3e-5 seen for CNN + Adam).
+    # the grouped kernels and the fused Adam kernel round differently, and Adam, which
+    # divides each gradient by its running RMS, magnifies that on near-zero gradients (up
+    # to 6e-5 seen for CNN + Adam).
     tolerance = 1e-10 if dtype == torch.float64 else (1e-4 if optimizer == "Adam" else 1e-5)
     gen = torch.Generator().manual_seed(0)
     n = 5 * ncc.BATCH_SIZE  # one epoch = 5 steps
@@ -77,7 +78,7 @@ def test_zero_padding_stays_exactly_zero():
         for t in m.state_dict().values():
             t.fill_(1)
     real = {k: v != 0 for k, v in ncc.FusedModels(ones).named_parameters()}
-    opt = torch.optim.Adam(fused.parameters(), lr=0.01, weight_decay=1e-4)
+    opt, _ = ncc.make_optimizer(fused, "Adam", 5)  # the optimizer training uses
     for _ in range(5):
         idx = torch.randint(0, 256, (2, 64), generator=gen)
         loss = F.cross_entropy(fused(x[idx].transpose(0, 1)).permute(0, 2, 1), y[idx].T)
