@@ -654,8 +654,8 @@ def make_optimizer(model, name, epochs):
                               weight_decay=SGD_WEIGHT_DECAY)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     if name == "Adam":
-        # fused: one kernel per tensor instead of about ten (CPU: a tenth of an epoch);
-        # the same update up to rounding
+        # fused: one kernel per tensor instead of about ten (one-thread CPU: about 7% of an
+        # Adam epoch in a one-off A/B); the same update up to rounding
         return torch.optim.Adam(model.parameters(), lr=ADAM_LR, weight_decay=ADAM_WEIGHT_DECAY,
                                 fused=True), None
     raise ValueError(f"unknown optimizer {name!r}; allowed: SGD, Adam")
@@ -747,7 +747,7 @@ class FusedModels(nn.Module):
 
     # ReLU and the skip addition work in place on BatchNorm's output (BatchNorm's backward
     # needs its input, not its output): the same values, one fresh activation fewer each,
-    # about 5% of a CPU epoch (`--bound`'s "ours" column).
+    # about 5% of a one-thread CPU epoch (a one-off A/B).
     def _bn_relu(self, x, name):
         return F.relu(self._bn(x, name), inplace=True)
 
