@@ -5,15 +5,17 @@ in one run on one machine, printing model-epochs per second and their ratio.
            a torch DataLoader (batch 128, shuffled) over the training tensors.
     ours:  this script's path: the whole dataset on the device, models grouped and trained
            side by side by `train_models` (on a GPU every width of one architecture and
-           optimizer together; on a CPU models of equal width, in WORKERS processes).
+           optimizer together; on a CPU neighbouring widths within CPU_GROUP_WIDTH, in
+           WORKERS processes).
     Both analyse every trained model as Exp 1 does (errors, NC metrics, per-layer NC, spectra).
 
     python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...]
 
 With --bound (CPU), it times one epoch of every Exp 1 model alone three ways, the plain
 way on all threads, the plain way on one thread, and this script's loop on one thread,
-and prints the most that two one-thread worker processes could gain over the plain way
-if they split the work perfectly: sum(plain, all threads) / (sum(ours, one thread) / 2).
+then one epoch of each of the groups this script fuses on a CPU (`ModelRuns.groups`) on
+one thread, and prints the most that two one-thread worker processes could gain over the
+plain way if they split the work perfectly: sum(plain, all threads) / (sum(groups) / 2).
 
     python tests/benchmark.py --bound
 """
@@ -72,8 +74,8 @@ def plain_epoch(model, opt, loader):
         opt.step()
 
 
-def ours_epoch(model, data, optimizer):
-    ncc.train_models([model], data, optimizer, 1, [0])
+def ours_epoch(models, data, optimizer):
+    ncc.train_models(models, data, optimizer, 1, list(range(len(models))))
 
 
 def seconds_per_epoch(run, threads, repeats=2):
@@ -101,14 +103,27 @@ def bound(widths, data):
                 opt, _ = plain_optimizer(model, optimizer, 1)
                 times = [seconds_per_epoch(lambda: plain_epoch(model, opt, loader), threads),
                          seconds_per_epoch(lambda: plain_epoch(model, opt, loader), 1),
-                         seconds_per_epoch(lambda: ours_epoch(model, data, optimizer), 1)]
+                         seconds_per_epoch(lambda: ours_epoch([model], data, optimizer), 1)]
                 totals = [a + b for a, b in zip(totals, times)]
                 print(f"{arch + ' ' + optimizer + ' w=' + str(w):<18} "
                       + " ".join(f"{t:9.3f}" for t in times), flush=True)
-    torch.set_num_threads(threads)
     print(f"{'sum':<18} " + " ".join(f"{t:9.2f}" for t in totals))
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": 1}
+             for a in ("ResNet", "CNN") for o in ("SGD", "Adam") for w in widths]
+    print("one epoch of each group this script fuses on a CPU, one thread, seconds")
+    fused_total = 0.0
+    for group in ncc.ModelRuns("bound", data, log=None).groups(specs):
+        models = [ncc.make_model(s["arch"], s["width"], 0).train() for s in group]
+        seconds = seconds_per_epoch(lambda: ours_epoch(models, data, group[0]["optimizer"]), 1)
+        fused_total += seconds
+        label = f"{group[0]['arch']} {group[0]['optimizer']} w=" + ",".join(
+            str(s["width"]) for s in group)
+        print(f"{label:<28} {seconds:9.3f}", flush=True)
+    torch.set_num_threads(threads)
+    print(f"{'sum':<28} {fused_total:9.2f}")
     print(f"most two one-thread workers can gain over plain on {threads} threads: "
-          f"{totals[0] / (totals[2] / 2):.2f}x")
+          f"models alone {totals[0] / (totals[2] / 2):.2f}x, "
+          f"fused groups {totals[0] / (fused_total / 2):.2f}x")
 
 
 def ours(specs, data, epochs, device):

@@ -147,3 +147,42 @@ def test_worker_processes_give_the_results_of_one_process(tiny, monkeypatch):
             s.pop("seconds")
             s["replicates"].pop("seconds")
     assert results[0] == results[1]
+
+
+def _partition(groups):
+    return [[(s["arch"], s["optimizer"], s["width"], s.get("replicate", 0)) for s in g]
+            for g in groups]
+
+
+@pytest.mark.parametrize("replicates", [1, 2])
+def test_cpu_groups_fuse_neighbouring_widths_within_the_width_budget(replicates):
+    widths = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": 5, "replicate": r}
+             for a in ("ResNet", "CNN") for o in ("SGD", "Adam") for w in widths[::-1]
+             for r in range(replicates)]
+    groups = ncc.ModelRuns("exp1", {"x_train": torch.zeros(4, 40)}, log=None).groups(specs)
+    assert sorted(map(str, specs)) == sorted(str(s) for g in groups for s in g)
+    budget = ncc.CPU_GROUP_WIDTH
+    for group in groups:
+        assert len({(s["arch"], s["optimizer"]) for s in group}) == 1
+        group_widths = [s["width"] for s in group]
+        assert group_widths == sorted(group_widths)
+        assert len(group) == 1 or len(group) * max(group_widths) <= budget
+        # maximal: the next wider model of the same kind would break the budget
+        rest = sorted(s["width"] for s in specs if (s["arch"], s["optimizer"])
+                      == (group[0]["arch"], group[0]["optimizer"])
+                      and s["width"] >= max(group_widths))[group_widths.count(max(group_widths)):]
+        assert not rest or (len(group) + 1) * rest[0] > budget
+    if replicates == 1:  # the widths the docs name
+        resnet_sgd = [[w for _, _, w, _ in g] for g in _partition(groups)
+                      if g[0][:2] == ("ResNet", "SGD")]
+        assert resnet_sgd == [[2, 4, 6, 8, 10], [12, 16], [24, 32], [48], [64]]
+
+
+def test_groups_without_fusing_or_off_the_cpu(monkeypatch):
+    specs = [{"arch": "CNN", "optimizer": "SGD", "width": w, "epochs": 5} for w in (2, 4, 64)]
+    meta = ncc.ModelRuns("exp1", {"x_train": torch.zeros(4, 40, device="meta")}, log=None)
+    assert _partition(meta.groups(specs)) == [[("CNN", "SGD", w, 0) for w in (2, 4, 64)]]
+    monkeypatch.setattr(ncc, "FUSED", False)
+    cpu = ncc.ModelRuns("exp1", {"x_train": torch.zeros(4, 40)}, log=None)
+    assert _partition(cpu.groups(specs)) == [[("CNN", "SGD", w, 0)] for w in (2, 4, 64)]

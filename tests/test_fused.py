@@ -45,10 +45,10 @@ def dtype(request):
 @pytest.mark.parametrize("arch, widths, dims", CASES)
 def test_fused_equals_one_by_one_after_five_steps(arch, widths, dims, optimizer, dtype):
     # float64 shows the two are the same computation (they agree to ~1e-15); in float32
-    # the grouped kernels and the fused Adam kernel round differently, and Adam, which
-    # divides each gradient by its running RMS, magnifies that on near-zero gradients (up
-    # to 6e-5 seen for CNN + Adam).
-    tolerance = 1e-10 if dtype == torch.float64 else (1e-4 if optimizer == "Adam" else 1e-5)
+    # the grouped channels-last kernels and the fused Adam kernel round differently, and
+    # Adam, which divides each gradient by its running RMS, magnifies that on near-zero
+    # gradients (1e-6 seen, 2e-7 for SGD); the issue asks for 1e-5.
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
     gen = torch.Generator().manual_seed(0)
     n = 5 * ncc.BATCH_SIZE  # one epoch = 5 steps
     data = {"x_train": torch.randn(n, 40, generator=gen),
@@ -113,7 +113,12 @@ def test_a_diverging_model_leaves_its_group_alone(monkeypatch):
     out = ncc.train_models(models, data, "Adam", 3, [1, 2])
     assert out[0]["diverged"] and out[0]["epochs_run"] == 1
     assert not out[1]["diverged"]
+    # the same group with a healthy first model: the same kernels, so the second model
+    # must come out bit for bit the same, and close to it trained alone
+    healthy = [make("ResNet", 3, 1), make("ResNet", 3, 2)]
+    ncc.train_models(healthy, data, "Adam", 3, [1, 2])
     alone = make("ResNet", 3, 2)
     ncc.train_models([alone], data, "Adam", 3, [2])
-    for a, b in zip(alone.parameters(), models[1].parameters()):
-        assert torch.allclose(a, b, atol=1e-5)
+    for a, b, c in zip(healthy[1].parameters(), models[1].parameters(), alone.parameters()):
+        assert torch.equal(a, b)
+        assert torch.allclose(b, c, atol=1e-4)
