@@ -648,16 +648,17 @@ def make_model(arch, width, seed, feature_dim=None):
     raise ValueError(f"unknown architecture {arch!r}; allowed: ResNet, CNN")
 
 
-def make_optimizer(model, name, epochs):
-    """SGD + momentum with cosine annealing to 0 over `epochs`, or constant-rate Adam."""
+def make_optimizer(params, name, epochs):
+    """SGD + momentum with cosine annealing to 0 over `epochs`, or constant-rate Adam, over
+    the tensors `params`."""
     if name == "SGD":
-        opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM,
+        opt = torch.optim.SGD(params, lr=SGD_LR, momentum=SGD_MOMENTUM,
                               weight_decay=SGD_WEIGHT_DECAY)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     if name == "Adam":
         # fused: one kernel per tensor instead of about ten (one-thread CPU: about 7% of an
         # Adam epoch in a one-off A/B); the same update up to rounding
-        return torch.optim.Adam(model.parameters(), lr=ADAM_LR, weight_decay=ADAM_WEIGHT_DECAY,
+        return torch.optim.Adam(params, lr=ADAM_LR, weight_decay=ADAM_WEIGHT_DECAY,
                                 fused=True), None
     raise ValueError(f"unknown optimizer {name!r}; allowed: SGD, Adam")
 
@@ -791,12 +792,45 @@ class FusedModels(nn.Module):
         return model
 
 
+class RowOptimizers:
+    """The optimizers of a fused group whose models may use different ones (`optimizers`,
+    one name per model). Each run of consecutive models with the same optimizer gets one
+    `make_optimizer` over views of its rows of every fused tensor; SGD and Adam are
+    elementwise, so each model's rows update exactly as the model would alone."""
+
+    def __init__(self, fused, optimizers, epochs):
+        self.fused, self.parts = fused, []
+        starts = [g for g in range(len(optimizers)) if g == 0 or optimizers[g] != optimizers[g - 1]]
+        for first, stop in zip(starts, starts[1:] + [len(optimizers)]):
+            rows = []
+            with torch.no_grad():  # views that the optimizer can own as leaves
+                for param in fused.parameters():
+                    per_model = param.shape[0] // fused.size  # conv/BN: G*rows; linear: G
+                    rows.append((param, slice(first * per_model, stop * per_model)))
+            views = [param[block].detach() for param, block in rows]
+            opt, scheduler = make_optimizer(views, optimizers[first], epochs)
+            self.parts.append((opt, scheduler, rows, views))
+
+    def step(self):
+        for opt, _, rows, views in self.parts:
+            for (param, block), view in zip(rows, views):
+                view.grad = param.grad[block]
+            opt.step()
+        for param in self.fused.parameters():
+            param.grad = None
+
+    def end_epoch(self):
+        for _, scheduler, _, _ in self.parts:
+            if scheduler is not None:
+                scheduler.step()
+
+
 def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_checkpoint=None):
     """Train G models of one architecture side by side on (x_train, y_train): batch
     BATCH_SIZE, each model reshuffled every epoch by its own generator seeded with its own
     seed. The loss is the sum over models of each model's mean batch loss (a mean over
-    models would shrink every gradient by G); one optimizer over the fused parameters,
-    whose updates are elementwise, so each model trains exactly as it would alone.
+    models would shrink every gradient by G); `optimizer` is one name for every model or a
+    list of one per model (`RowOptimizers`), so each model trains exactly as it would alone.
 
     `on_checkpoint(g, model, epoch)` is called after each epoch in `checkpoints` with model g
     (in eval mode). A model whose epoch loss is NaN or infinite is marked diverged and
@@ -805,7 +839,8 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
     x, y = data["x_train"], data["y_train"]
     device, n, size = x.device, len(y), len(models)
     fused = FusedModels(models).to(device).train()
-    opt, scheduler = make_optimizer(fused, optimizer, epochs)
+    names = [optimizer] * size if isinstance(optimizer, str) else list(optimizer)
+    optimizers = RowOptimizers(fused, names, epochs)
     orders = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     alive = torch.ones(size, dtype=torch.bool, device=device)
     out = [{"epochs_run": epochs, "train_loss": float("nan"), "diverged": False}
@@ -819,12 +854,10 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
             logits = fused(x[idx].transpose(0, 1))                       # (B, G, K)
             per_model = F.cross_entropy(logits.permute(0, 2, 1), y[idx].T,
                                         reduction="none").mean(0)        # (G,)
-            opt.zero_grad(set_to_none=True)
             torch.where(alive, per_model, 0.0).sum().backward()
-            opt.step()
+            optimizers.step()
             loss_sums += per_model.detach() * idx.shape[1]
-        if scheduler is not None:
-            scheduler.step()
+        optimizers.end_epoch()
         epoch_losses = (loss_sums / n).tolist()  # one host sync per epoch
         for g, loss in enumerate(epoch_losses):
             if not out[g]["diverged"]:
@@ -946,33 +979,37 @@ class ModelRuns:
                                             spec.get("replicate", 0)))
 
     def groups(self, specs):
-        """Which models train side by side (`FusedModels`): same architecture, optimizer,
-        epochs and checkpoints. On a GPU, where a step costs its kernel launches, models of
-        every width go together (the narrower zero-padded). On a CPU a narrow model's step
-        costs mostly per-operation overhead, which fusing shares, and a wide one's its
-        arithmetic, which padding wastes and which the worker processes already spread over
-        the cores; so there models go together in order of width while the group's size
-        times its widest width stays within CPU_GROUP_WIDTH (Exp 1's widths: 2-10, 12-16,
-        24-32, 48, 64)."""
+        """Which models train side by side (`FusedModels`): same architecture, epochs and
+        checkpoints. On a GPU, where a step costs its kernel launches, models of every
+        width and one optimizer go together (the narrower zero-padded). On a CPU a narrow
+        model's step costs mostly per-operation overhead, which fusing shares, and a wide
+        one's its arithmetic, which padding wastes and the worker processes already spread
+        over the cores; so there models of both optimizers go together in order of width
+        while the group's size times its widest width stays within CPU_GROUP_WIDTH, and
+        two models of one width always pair up (a pair of w = 64 trains about 1.2x faster
+        than the two alone; a larger group does not). Exp 1's groups: widths 2-8 (both
+        optimizers), 10-12, then each width's SGD and Adam model together."""
         if not FUSED:
             return [[spec] for spec in specs]
+        cpu = self.data["x_train"].device.type == "cpu"
         by_key = {}
         for spec in specs:
-            key = (spec["arch"], spec["optimizer"], spec["epochs"], "d" in spec,
-                   tuple(spec.get("checkpoints", ())))
-            by_key.setdefault(key, []).append(spec)
-        if self.data["x_train"].device.type != "cpu":
+            key = (spec["arch"], spec["epochs"], "d" in spec, tuple(spec.get("checkpoints", ())))
+            by_key.setdefault(key if cpu else key + (spec["optimizer"],), []).append(spec)
+        if not cpu:
             return list(by_key.values())
         groups = []
         for members in by_key.values():
             group = []
             for spec in sorted(members, key=lambda s: s["width"]):
-                if group and (len(group) + 1) * spec["width"] > CPU_GROUP_WIDTH:
+                pair = len(group) == 1 and group[0]["width"] == spec["width"]
+                if group and not pair and (len(group) + 1) * spec["width"] > CPU_GROUP_WIDTH:
                     groups.append(group)
                     group = []
                 group.append(spec)
             groups.append(group)
-        return groups
+        # each optimizer's models contiguous: one optimizer per run (RowOptimizers)
+        return [sorted(group, key=lambda s: s["optimizer"]) for group in groups]
 
     def run_many(self, specs, measure=None, keep_models=False):
         """Records of the models of `specs`, in order: loaded when an earlier run finished
@@ -1047,8 +1084,8 @@ class ModelRuns:
         models = [make_model(s["arch"], s["width"], seed, s.get("d"))
                   for s, seed in zip(group, seeds)]
         measured = [[] for _ in group]
-        trained = train_models(models, self.data, group[0]["optimizer"], group[0]["epochs"],
-                               seeds, group[0].get("checkpoints", ()),
+        trained = train_models(models, self.data, [s["optimizer"] for s in group],
+                               group[0]["epochs"], seeds, group[0].get("checkpoints", ()),
                                lambda g, m, e: measured[g].append(measure(group[g], m, e)))
         seconds = (time.time() - start) / len(group)  # wall time shared by a fused group
         fitted = []

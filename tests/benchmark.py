@@ -5,8 +5,8 @@ in one run on one machine, printing model-epochs per second and their ratio.
            a torch DataLoader (batch 128, shuffled) over the training tensors.
     ours:  this script's path: the whole dataset on the device, models grouped and trained
            side by side by `train_models` (on a GPU every width of one architecture and
-           optimizer together; on a CPU neighbouring widths within CPU_GROUP_WIDTH, in
-           WORKERS processes).
+           optimizer together; on a CPU neighbouring widths of both optimizers within
+           CPU_GROUP_WIDTH, and pairs of equal width, in WORKERS processes).
     Both analyse every trained model as Exp 1 does (errors, NC metrics, per-layer NC, spectra).
 
     python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...]
@@ -74,8 +74,8 @@ def plain_epoch(model, opt, loader):
         opt.step()
 
 
-def ours_epoch(models, data, optimizer):
-    ncc.train_models(models, data, optimizer, 1, list(range(len(models))))
+def ours_epoch(models, data, optimizers):
+    ncc.train_models(models, data, optimizers, 1, list(range(len(models))))
 
 
 def seconds_per_epoch(run, threads, repeats=2):
@@ -114,13 +114,15 @@ def bound(widths, data):
     fused_total = 0.0
     for group in ncc.ModelRuns("bound", data, log=None).groups(specs):
         models = [ncc.make_model(s["arch"], s["width"], 0).train() for s in group]
-        seconds = seconds_per_epoch(lambda: ours_epoch(models, data, group[0]["optimizer"]), 1)
+        names = [s["optimizer"] for s in group]
+        seconds = seconds_per_epoch(lambda: ours_epoch(models, data, names), 1)
         fused_total += seconds
-        label = f"{group[0]['arch']} {group[0]['optimizer']} w=" + ",".join(
-            str(s["width"]) for s in group)
-        print(f"{label:<28} {seconds:9.3f}", flush=True)
+        label = (f"{group[0]['arch']} {'+'.join(sorted(set(names)))} w="
+                 + ",".join(str(w) for w in sorted({s["width"] for s in group}))
+                 + f" ({len(group)})")
+        print(f"{label:<34} {seconds:9.3f}", flush=True)
     torch.set_num_threads(threads)
-    print(f"{'sum':<28} {fused_total:9.2f}")
+    print(f"{'sum':<34} {fused_total:9.2f}")
     print(f"most two one-thread workers can gain over plain on {threads} threads: "
           f"models alone {totals[0] / (totals[2] / 2):.2f}x, "
           f"fused groups {totals[0] / (fused_total / 2):.2f}x")
