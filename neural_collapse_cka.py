@@ -66,7 +66,7 @@ ADAM_LR = 1e-3                 # Adam, constant learning rate
 ADAM_WEIGHT_DECAY = 1e-4
 FUSED = True                   # train models of one architecture side by side (FusedModels)
 WORKERS = 0                    # CPU worker processes; 0: one per core, at most 2 (GPU: 1)
-CPU_GROUP_WIDTH = 64           # CPU: models of neighbouring widths fused while G x widest <= this
+CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest <= this
 
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
@@ -800,14 +800,14 @@ class RowOptimizers:
 
     def __init__(self, fused, optimizers, epochs):
         self.fused, self.parts = fused, []
-        starts = [g for g in range(len(optimizers)) if g == 0 or optimizers[g] != optimizers[g - 1]]
+        starts = [g for g in range(len(optimizers))
+                  if g == 0 or optimizers[g] != optimizers[g - 1]]
         for first, stop in zip(starts, starts[1:] + [len(optimizers)]):
-            rows = []
-            with torch.no_grad():  # views that the optimizer can own as leaves
-                for param in fused.parameters():
-                    per_model = param.shape[0] // fused.size  # conv/BN: G*rows; linear: G
-                    rows.append((param, slice(first * per_model, stop * per_model)))
-            views = [param[block].detach() for param, block in rows]
+            # conv and BatchNorm tensors stack G blocks of rows, linear ones G matrices
+            rows = [(param, slice(first * param.shape[0] // fused.size,
+                                  stop * param.shape[0] // fused.size))
+                    for param in fused.parameters()]
+            views = [param[block].detach() for param, block in rows]  # leaves, same storage
             opt, scheduler = make_optimizer(views, optimizers[first], epochs)
             self.parts.append((opt, scheduler, rows, views))
 
@@ -987,14 +987,15 @@ class ModelRuns:
         over the cores; so there models of both optimizers go together in order of width
         while the group's size times its widest width stays within CPU_GROUP_WIDTH, and
         two models of one width always pair up (a pair of w = 64 trains about 1.2x faster
-        than the two alone; a larger group does not). Exp 1's groups: widths 2-8 (both
+        than the two alone; a larger group gains less). Exp 1's groups: widths 2-8 (both
         optimizers), 10-12, then each width's SGD and Adam model together."""
         if not FUSED:
             return [[spec] for spec in specs]
         cpu = self.data["x_train"].device.type == "cpu"
         by_key = {}
         for spec in specs:
-            key = (spec["arch"], spec["epochs"], "d" in spec, tuple(spec.get("checkpoints", ())))
+            key = (spec["arch"], spec["epochs"], "d" in spec,
+                   tuple(spec.get("checkpoints", ())))
             by_key.setdefault(key if cpu else key + (spec["optimizer"],), []).append(spec)
         if not cpu:
             return list(by_key.values())
