@@ -33,6 +33,7 @@ References
 
 import argparse
 import ast
+import contextlib
 import functools
 import hashlib
 import json
@@ -67,6 +68,8 @@ ADAM_WEIGHT_DECAY = 1e-4
 FUSED = True                   # train models of one architecture side by side (FusedModels)
 WORKERS = 0                    # CPU worker processes; 0: one per core, at most 2 (GPU: 1)
 CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest <= this
+CUDA_GRAPHS = False            # GPU: replay each epoch after the first as one CUDA graph
+                               # (EpochGraph); not yet run on a GPU, so off by default
 
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
@@ -651,9 +654,12 @@ def make_model(arch, width, seed, feature_dim=None):
 def make_optimizer(params, name, epochs):
     """SGD + momentum with cosine annealing to 0 over `epochs`, or constant-rate Adam, over
     the tensors `params`."""
+    params = list(params)
     if name == "SGD":
+        # fused on a GPU: one kernel for all tensors, whose tensor-lr form lets a CUDA graph
+        # follow the cosine schedule (RowOptimizers.captured_lr)
         opt = torch.optim.SGD(params, lr=SGD_LR, momentum=SGD_MOMENTUM,
-                              weight_decay=SGD_WEIGHT_DECAY)
+                              weight_decay=SGD_WEIGHT_DECAY, fused=params[0].is_cuda or None)
         return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=0.0)
     if name == "Adam":
         # fused: one kernel per tensor instead of about ten (one-thread CPU: about 7% of an
@@ -810,6 +816,7 @@ class RowOptimizers:
             views = [param[block].detach() for param, block in rows]  # leaves, same storage
             opt, scheduler = make_optimizer(views, optimizers[first], epochs)
             self.parts.append((opt, scheduler, rows, views))
+        self.lr_tensors = []  # (SGD param group, its rate on the device), for CUDA graphs
 
     def step(self):
         for opt, _, rows, views in self.parts:
@@ -823,6 +830,79 @@ class RowOptimizers:
         for _, scheduler, _, _ in self.parts:
             if scheduler is not None:
                 scheduler.step()
+        for group, lr in self.lr_tensors:
+            lr.fill_(group["lr"])
+
+    @contextlib.contextmanager
+    def captured_lr(self):
+        """While a CUDA graph is captured: each SGD param group's rate is a float32 tensor on
+        the device (fused SGD reads it there), which `end_epoch` keeps equal to the cosine
+        schedule's rate, instead of a float the graph would freeze at capture; the scheduler
+        itself keeps working on the float. Adam's rate is constant and fused Adam keeps its
+        step counts on the device, so Adam only has to be marked capturable."""
+        if not self.lr_tensors:
+            self.lr_tensors = [
+                (group, torch.tensor(group["lr"], dtype=torch.float32, device=views[0].device))
+                for opt, _, _, views in self.parts if isinstance(opt, torch.optim.SGD)
+                for group in opt.param_groups]
+        adam_groups = [group for opt, _, _, _ in self.parts
+                       if isinstance(opt, torch.optim.Adam) for group in opt.param_groups]
+        rates = [group["lr"] for group, _ in self.lr_tensors]
+        try:
+            for group, lr in self.lr_tensors:
+                group["lr"] = lr
+            for group in adam_groups:
+                group["capturable"] = True
+            yield
+        finally:
+            for (group, _), rate in zip(self.lr_tensors, rates):
+                group["lr"] = rate
+            for group in adam_groups:
+                group["capturable"] = False
+
+
+class EpochGraph:
+    """Runs `epoch_steps` (one epoch's training steps, reading and writing only tensors that
+    live as long as the run) as a CUDA graph: the first epoch eagerly on a side stream, as
+    PyTorch's CUDA-graph notes ask for warm-up before capture (it is a real epoch, and it
+    creates the optimizers' state); the second is captured and replayed, and every later
+    one replayed. The whole epoch is one graph, so the last batch of an epoch (4000 =
+    31 x 128 + 32) is just its last step; no second graph is needed for it."""
+
+    @staticmethod
+    def usable(device):
+        return device.type == "cuda"
+
+    def __init__(self, epoch_steps, optimizers):
+        self.epoch_steps, self.optimizers = epoch_steps, optimizers
+        self.warmed_up, self.graph = False, None
+
+    def __call__(self):
+        if not self.warmed_up:
+            self._warm_up()
+            self.warmed_up = True
+            return
+        if self.graph is None:
+            self.graph = self._capture()
+        self.graph.replay()  # capture records the kernels without running them
+
+    def _warm_up(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.epoch_steps()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _capture(self):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with self.optimizers.captured_lr(), torch.cuda.graph(graph):
+                self.epoch_steps()
+        except RuntimeError as err:
+            err.add_note("CUDA graph capture of a training epoch failed; "
+                         "--set CUDA_GRAPHS=False trains without graphs")
+            raise
+        return graph
 
 
 def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_checkpoint=None):
@@ -835,7 +915,10 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
     `on_checkpoint(g, model, epoch)` is called after each epoch in `checkpoints` with model g
     (in eval mode). A model whose epoch loss is NaN or infinite is marked diverged and
     leaves the loss. The trained weights are written back into `models`. Returns one
-    {epochs_run, train_loss, diverged} per model."""
+    {epochs_run, train_loss, diverged} per model.
+
+    On a GPU nothing in a step waits for the host (the epoch's losses are read once, after
+    it), and with CUDA_GRAPHS every epoch after the first is one CUDA graph (EpochGraph)."""
     x, y = data["x_train"], data["y_train"]
     device, n, size = x.device, len(y), len(models)
     fused = FusedModels(models).to(device).train()
@@ -843,12 +926,16 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
     optimizers = RowOptimizers(fused, names, epochs)
     orders = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     alive = torch.ones(size, dtype=torch.bool, device=device)
+    perms = torch.empty(size, n, dtype=torch.long, device=device)
+    loss_sums = torch.zeros(size, device=device)
     out = [{"epochs_run": epochs, "train_loss": float("nan"), "diverged": False}
            for _ in models]
     checkpoints = set(checkpoints)
-    for epoch in range(1, epochs + 1):
-        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in orders])
-        loss_sums = torch.zeros(size, device=device)
+
+    def epoch_steps():
+        # only tensors that outlive the epoch are read or written (perms, loss_sums, alive,
+        # the data, the fused weights and optimizer state), so EpochGraph can replay it
+        loss_sums.zero_()
         for start in range(0, n, BATCH_SIZE):
             idx = perms[:, start:start + BATCH_SIZE]                     # (G, B)
             logits = fused(x[idx].transpose(0, 1))                       # (B, G, K)
@@ -856,7 +943,13 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
                                         reduction="none").mean(0)        # (G,)
             torch.where(alive, per_model, 0.0).sum().backward()
             optimizers.step()
-            loss_sums += per_model.detach() * idx.shape[1]
+            loss_sums.add_(per_model.detach() * idx.shape[1])
+
+    run_epoch = (EpochGraph(epoch_steps, optimizers)
+                 if CUDA_GRAPHS and EpochGraph.usable(device) else epoch_steps)
+    for epoch in range(1, epochs + 1):
+        torch.stack([torch.randperm(n, generator=g, device=device) for g in orders], out=perms)
+        run_epoch()
         optimizers.end_epoch()
         epoch_losses = (loss_sums / n).tolist()  # one host sync per epoch
         for g, loss in enumerate(epoch_losses):

@@ -8,6 +8,7 @@ in one run on one machine, printing model-epochs per second and their ratio.
            optimizer together; on a CPU neighbouring widths of both optimizers within
            CPU_GROUP_WIDTH, and pairs of equal width, in WORKERS processes).
     Both analyse every trained model as Exp 1 does (errors, NC metrics, per-layer NC, spectra).
+    On a GPU a third row: ours with CUDA_GRAPHS (each epoch after the first one CUDA graph).
 
     python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...]
 
@@ -138,6 +139,15 @@ def ours(specs, data, epochs, device):
     sync(device)
 
 
+def ours_graphed(specs, data, epochs, device):
+    """`ours` with CUDA_GRAPHS: each epoch after the first replayed as one CUDA graph."""
+    ncc.CUDA_GRAPHS = True
+    try:
+        ours(specs, data, epochs, device)
+    finally:
+        ncc.CUDA_GRAPHS = False
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=5)
@@ -158,15 +168,19 @@ def main():
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     # warm-up: allocator, kernels, oneDNN primitives
     ours([{**s, "epochs": 1} for s in specs[:4]], data, 1, device)
+    ways = [("plain (DataLoader, one at a time)", plain), ("ours (fused)", ours)]
+    if device.type == "cuda":
+        ways.append(("ours (fused, CUDA graphs)", ours_graphed))
     rates = {}
-    for label, fn in [("plain (DataLoader, one at a time)", plain), ("ours (fused)", ours)]:
+    for label, fn in ways:
         start = time.perf_counter()
         fn(specs, data, args.epochs, device)
         seconds = time.perf_counter() - start
         rates[label] = len(specs) * args.epochs / seconds
         print(f"{label:<36} {seconds:8.1f} s  {rates[label]:8.2f} model-epochs/s", flush=True)
-    values = list(rates.values())
-    print(f"speed-up: {values[1] / values[0]:.2f}x")
+    plain_rate = rates[ways[0][0]]
+    for label, _ in ways[1:]:
+        print(f"speed-up of {label}: {rates[label] / plain_rate:.2f}x")
 
 
 if __name__ == "__main__":

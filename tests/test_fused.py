@@ -1,5 +1,7 @@
 """Fused multi-model training (FusedModels, train_models) against plain PyTorch training of
 each model alone, written here independently."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -133,3 +135,104 @@ def test_a_diverging_model_leaves_its_group_alone(monkeypatch):
     for a, b, c in zip(healthy[1].parameters(), models[1].parameters(), alone.parameters()):
         assert torch.equal(a, b)
         assert torch.allclose(b, c, atol=1e-4)
+
+
+class ReplayOnCpu(ncc.EpochGraph):
+    """EpochGraph with its CUDA calls taken out, so its bookkeeping runs on a CPU: the
+    warm-up is a plain epoch, and a "replay" calls the recorded epoch inside
+    `captured_lr`, so the optimizers read what a captured graph reads (SGD's rate from its
+    device tensor, which only `end_epoch` updates). The capture itself needs a GPU: see
+    the CUDA test below."""
+    captures = replays = 0
+
+    @staticmethod
+    def usable(device):
+        return True
+
+    def _warm_up(self):
+        self.epoch_steps()
+
+    def _capture(self):
+        ReplayOnCpu.captures += 1
+        return self
+
+    def replay(self):
+        ReplayOnCpu.replays += 1
+        with self.optimizers.captured_lr():
+            self.epoch_steps()
+
+
+def graph_test_case(device):
+    gen = torch.Generator().manual_seed(3)
+    data = {"x_train": torch.randn(3 * ncc.BATCH_SIZE + 32, 40, generator=gen).to(device),
+            "y_train": torch.randint(0, 10, (3 * ncc.BATCH_SIZE + 32,),
+                                     generator=gen).to(device)}
+    return data, [("ResNet", [2, 5, 8]), ("CNN", [3, 6])], ["SGD", "Adam", "SGD"]
+
+
+def train_case(data, arch, widths, names, epochs, device):
+    models = [make(arch, w, 7 * w).to(device) for w in widths]
+    out = ncc.train_models(models, data, names[:len(widths)], epochs, [7 * w for w in widths])
+    return models, out
+
+
+def test_epoch_graph_bookkeeping_matches_eager_epochs(monkeypatch):
+    # float64, so that the one intended difference, SGD's rate read as float32 from its
+    # tensor, stays far below the tolerance; a stale rate (end_epoch not writing the
+    # cosine schedule's new value) would differ by 1e-3
+    monkeypatch.setattr(ncc, "EpochGraph", ReplayOnCpu)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data, cases, names = graph_test_case("cpu")
+        for arch, widths in cases:
+            eager, eager_out = train_case(data, arch, widths, names, 4, "cpu")
+            monkeypatch.setattr(ncc, "CUDA_GRAPHS", True)
+            ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+            graphed, graphed_out = train_case(data, arch, widths, names, 4, "cpu")
+            monkeypatch.setattr(ncc, "CUDA_GRAPHS", False)
+            assert (ReplayOnCpu.captures, ReplayOnCpu.replays) == (1, 3)
+            for a, b in zip(eager, graphed):
+                for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+                    assert torch.allclose(p, q, atol=1e-9, rtol=0)
+            for a, b in zip(eager_out, graphed_out):
+                assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-9)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+def test_captured_lr_swaps_in_sgd_rate_tensors_and_restores_the_floats():
+    models = [make("ResNet", 2, 1), make("ResNet", 3, 2)]
+    fused = ncc.FusedModels(models)
+    optimizers = ncc.RowOptimizers(fused, ["SGD", "Adam"], 10)
+    (sgd, _, _, _), (adam, _, _, _) = optimizers.parts
+    with optimizers.captured_lr():
+        assert isinstance(sgd.param_groups[0]["lr"], torch.Tensor)
+        assert adam.param_groups[0]["capturable"]
+    assert sgd.param_groups[0]["lr"] == ncc.SGD_LR
+    assert not adam.param_groups[0]["capturable"]
+    optimizers.end_epoch()
+    (_, rate), = optimizers.lr_tensors
+    cosine = ncc.SGD_LR * (1 + math.cos(math.pi / 10)) / 2
+    assert sgd.param_groups[0]["lr"] == pytest.approx(cosine, rel=1e-12)
+    assert float(rate) == pytest.approx(cosine, rel=1e-7)  # float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_epochs_match_eager_epochs(monkeypatch):
+    # on the GPU the eager path runs the same kernels; the graph reads SGD's rate as
+    # float32 (fused SGD's tensor-lr kernel). A capture fails outright on any host
+    # synchronisation inside the epoch, so passing also shows the step never waits.
+    device = torch.device("cuda")
+    data, cases, names = graph_test_case(device)
+    for arch, widths in cases:
+        eager, eager_out = train_case(data, arch, widths, names, 4, device)
+        monkeypatch.setattr(ncc, "CUDA_GRAPHS", True)
+        graphed, graphed_out = train_case(data, arch, widths, names, 4, device)
+        monkeypatch.setattr(ncc, "CUDA_GRAPHS", False)
+        for a, b in zip(eager, graphed):
+            for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+                assert torch.allclose(p, q, atol=1e-4, rtol=0), (arch, name)
+        for a, b in zip(eager_out, graphed_out):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
