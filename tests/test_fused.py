@@ -201,7 +201,7 @@ def test_epoch_graph_bookkeeping_matches_eager_epochs(monkeypatch):
         torch.set_default_dtype(previous)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_captured_lr_swaps_in_sgd_rate_tensors_and_restores_the_floats():
     models = [make("ResNet", 2, 1), make("ResNet", 3, 2)]
     fused = ncc.FusedModels(models)
