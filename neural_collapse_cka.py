@@ -780,7 +780,12 @@ class FusedModels(nn.Module):
                                  ("block4", False)]:
                 out = self._bn_relu(self._conv(out, name + ".0"), name + ".1")
                 out = F.max_pool2d(out, (1, 2)) if pooled else out
-        h = out.mean(dim=(2, 3)).view(len(x), self.size, -1)
+        # global average pooling as sum / L, which equals mean bit for bit on a CPU: mean's
+        # backward hands the last ReLU a gradient materialised in the default layout, and a
+        # ReLU backward that mixes layouts takes a slow path (2.9 ms against 0.09 ms on a
+        # 128 x 128 x 40 channels-last tensor, one thread); sum's hands it a broadcast view
+        # (0.19 ms). One-thread epochs, interleaved A/B: 12-18% faster, the same weights.
+        h = (out.sum(dim=(2, 3)) / out.shape[3]).view(len(x), self.size, -1)
         if hasattr(self, "projector_weight"):
             h = torch.einsum("bgw,gdw->bgd", h, self.projector_weight)
         return torch.einsum("bgd,gkd->bgk", h, self.classifier_weight)
