@@ -10,7 +10,7 @@ in one run on one machine, printing model-epochs per second and their ratio.
     Both analyse every trained model as Exp 1 does (errors, NC metrics, per-layer NC, spectra).
     On a GPU a third row: ours with CUDA_GRAPHS (each epoch after the first one CUDA graph).
 
-    python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...]
+    python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...] [--repeats 3]
 
 With --bound (CPU), it times one epoch of every Exp 1 model alone three ways, the plain
 way on all threads, the plain way on one thread, and this script's loop on one thread,
@@ -22,6 +22,7 @@ plain way if they split the work perfectly: sum(plain, all threads) / (sum(group
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -155,6 +156,10 @@ def main():
     p.add_argument("--widths", default=",".join(map(str, ncc.WIDTHS)))
     p.add_argument("--bound", action="store_true",
                    help="CPU: time each model alone and print the two-worker upper bound")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time both ways this many times, alternating which goes first, and "
+                        "print each round's speed-up and their median (a shared machine's "
+                        "speed drifts between minutes)")
     args = p.parse_args()
     device = ncc.resolve_device(args.device)
     widths = [int(w) for w in args.widths.split(",")]
@@ -171,16 +176,23 @@ def main():
     ways = [("plain (DataLoader, one at a time)", plain), ("ours (fused)", ours)]
     if device.type == "cuda":
         ways.append(("ours (fused, CUDA graphs)", ours_graphed))
-    rates = {}
-    for label, fn in ways:
-        start = time.perf_counter()
-        fn(specs, data, args.epochs, device)
-        seconds = time.perf_counter() - start
-        rates[label] = len(specs) * args.epochs / seconds
-        print(f"{label:<36} {seconds:8.1f} s  {rates[label]:8.2f} model-epochs/s", flush=True)
-    plain_rate = rates[ways[0][0]]
-    for label, _ in ways[1:]:
-        print(f"speed-up of {label}: {rates[label] / plain_rate:.2f}x")
+    speedups = {label: [] for label, _ in ways[1:]}
+    for round_ in range(args.repeats):
+        rates = {}
+        for label, fn in (ways if round_ % 2 == 0 else ways[::-1]):
+            start = time.perf_counter()
+            fn(specs, data, args.epochs, device)
+            seconds = time.perf_counter() - start
+            rates[label] = len(specs) * args.epochs / seconds
+            print(f"{label:<36} {seconds:8.1f} s  {rates[label]:8.2f} model-epochs/s",
+                  flush=True)
+        for label in speedups:
+            speedups[label].append(rates[label] / rates[ways[0][0]])
+            print(f"speed-up of {label}: {speedups[label][-1]:.2f}x", flush=True)
+    if args.repeats > 1:
+        for label, values in speedups.items():
+            print(f"median speed-up of {label} over {args.repeats} rounds: "
+                  f"{statistics.median(values):.2f}x")
 
 
 if __name__ == "__main__":
