@@ -1036,32 +1036,120 @@ def training_config():
             if name not in skip and not name.startswith("EPOCHS_")}
 
 
-@functools.lru_cache(maxsize=None)
-def _parameter_count(arch, width, feature_dim):
-    return count_parameters(make_model(arch, width, 0, feature_dim))
+def model_work(spec):
+    """The work of one input through one model, as multiply-adds plus 50 per activation
+    value (BatchNorm, ReLU and their backward are memory-bound) plus 20,000 of fixed
+    per-step overhead. On a 2-core CPU this tracks measured epoch times within about 30%
+    across widths 2-64 of both architectures, where the parameter count would put
+    ResNet's time per parameter at 2.7x CNN's."""
+    w, d, length = spec["width"], spec.get("d"), 40  # MNIST-1D sequences have 40 samples
+    if spec["arch"] == "ResNet":  # stem 1 -> w, then four w -> w convs, all at full length
+        macs = 3 * w * length + 4 * 3 * w * w * length + (w * d if d else 0) + 10 * (d or w)
+        activations = 5 * w * length
+    else:  # CNN: w at 40, w at 20, 2w at 10, 2w at 10
+        macs = 3 * w * 40 + 3 * w * w * 20 + 3 * w * 2 * w * 10 + 3 * 4 * w * w * 10 + 20 * w
+        activations = 100 * w
+    return macs + 50 * activations + 20_000
+
+
+def model_cost(spec):
+    return spec["epochs"] * model_work(spec)
+
+
+def group_cost(group):
+    return sum(map(model_cost, group))
+
+
+def fused_groups(specs, device_type):
+    """Which models train side by side (`FusedModels`): same architecture, epochs and
+    checkpoints. On a GPU, where a step costs its kernel launches, models of every width
+    and one optimizer go together (the narrower zero-padded). On a CPU a narrow model's
+    step costs mostly per-operation overhead, which fusing shares, and a wide one's its
+    arithmetic, which padding wastes and the worker processes already spread over the
+    cores; so there models of both optimizers go together in order of width while the
+    group's size times its widest width stays within CPU_GROUP_WIDTH, and two models of
+    one width always pair up (a pair of w = 64 trains about 1.2x faster than the two
+    alone; a larger group gains less). Exp 1's groups: widths 2-8 (both optimizers),
+    10-12, then each width's SGD and Adam model together.
+
+    The groups depend on the specs and the device type alone, so a resumed run and every
+    shard of a sharded one form exactly the groups of an uninterrupted run."""
+    if not FUSED:
+        return [[spec] for spec in specs]
+    cpu = device_type == "cpu"
+    by_key = {}
+    for spec in specs:
+        key = (spec["arch"], spec["epochs"], "d" in spec, tuple(spec.get("checkpoints", ())))
+        by_key.setdefault(key if cpu else key + (spec["optimizer"],), []).append(spec)
+    if not cpu:
+        return list(by_key.values())
+    groups = []
+    for members in by_key.values():
+        group = []
+        for spec in sorted(members, key=lambda s: s["width"]):
+            pair = len(group) == 1 and group[0]["width"] == spec["width"]
+            if group and not pair and (len(group) + 1) * spec["width"] > CPU_GROUP_WIDTH:
+                groups.append(group)
+                group = []
+            group.append(spec)
+        groups.append(group)
+    # each optimizer's models contiguous: one optimizer per run (RowOptimizers)
+    return [sorted(group, key=lambda s: s["optimizer"]) for group in groups]
+
+
+def worker_count(device_type):
+    """Processes that train groups at once: on a CPU WORKERS, or with WORKERS = 0 one per
+    core this process may use (a SLURM task's share, not the node's), at most 2; on a GPU
+    one."""
+    if device_type != "cpu":
+        return 1
+    if WORKERS:
+        return WORKERS
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return min(2, cores)
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:120] if text else ''}"
+
+
+# Set by `collect_study` alone: records are looked up under this device type (the shards'),
+# whatever device this process has, and nothing is ever trained.
+_COLLECT_FROM = None
+
+
+class NotCollectable(RuntimeError):
+    """A collect found a model without a readable record."""
 
 
 class ModelRuns:
     """Trains models, or loads their records from `records_dir` when an earlier run of the
     same configuration finished them; prints one progress line per model with an ETA."""
 
-    def __init__(self, experiment, data, records_dir=None, log=print, total_cost=0):
+    def __init__(self, experiment, data, records_dir=None, log=print):
         self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
-        self.total_cost, self.done_cost, self.train_seconds, self.trained_cost = total_cost, 0, 0.0, 0
-        self.count = 0
-
-    @staticmethod
-    def cost(spec):
-        # Time per epoch is roughly overhead + parameters (measured on CPU and GPU alike).
-        return spec["epochs"] * (_parameter_count(spec["arch"], spec["width"], spec.get("d"))
-                                 + 20_000)
+        self.device_type = _COLLECT_FROM or data["x_train"].device.type
+        self.count, self.total_cost, self.done_cost, self.trained_cost = 0, 0, 0, 0
+        self.train_start = None
 
     def key(self, spec):
         # the CKA settings only change what Exp 4 measures during training
         config = {name: value for name, value in training_config().items()
                   if self.experiment == "exp4" or not name.startswith("CKA_")}
-        blob = json.dumps({"model": spec, "config": config,
-                           "device": self.data["x_train"].device.type}, sort_keys=True)
+        blob = json.dumps({"model": spec, "config": config, "device": self.device_type},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def _paths(self, spec):
@@ -1077,99 +1165,92 @@ class ModelRuns:
                                             spec.get("replicate", 0)))
 
     def groups(self, specs):
-        """Which models train side by side (`FusedModels`): same architecture, epochs and
-        checkpoints. On a GPU, where a step costs its kernel launches, models of every
-        width and one optimizer go together (the narrower zero-padded). On a CPU a narrow
-        model's step costs mostly per-operation overhead, which fusing shares, and a wide
-        one's its arithmetic, which padding wastes and the worker processes already spread
-        over the cores; so there models of both optimizers go together in order of width
-        while the group's size times its widest width stays within CPU_GROUP_WIDTH, and
-        two models of one width always pair up (a pair of w = 64 trains about 1.2x faster
-        than the two alone; a larger group gains less). Exp 1's groups: widths 2-8 (both
-        optimizers), 10-12, then each width's SGD and Adam model together."""
-        if not FUSED:
-            return [[spec] for spec in specs]
-        cpu = self.data["x_train"].device.type == "cpu"
-        by_key = {}
-        for spec in specs:
-            key = (spec["arch"], spec["epochs"], "d" in spec,
-                   tuple(spec.get("checkpoints", ())))
-            by_key.setdefault(key if cpu else key + (spec["optimizer"],), []).append(spec)
-        if not cpu:
-            return list(by_key.values())
-        groups = []
-        for members in by_key.values():
-            group = []
-            for spec in sorted(members, key=lambda s: s["width"]):
-                pair = len(group) == 1 and group[0]["width"] == spec["width"]
-                if group and not pair and (len(group) + 1) * spec["width"] > CPU_GROUP_WIDTH:
-                    groups.append(group)
-                    group = []
-                group.append(spec)
-            groups.append(group)
-        # each optimizer's models contiguous: one optimizer per run (RowOptimizers)
-        return [sorted(group, key=lambda s: s["optimizer"]) for group in groups]
+        return fused_groups(specs, self.device_type)
 
-    def run_many(self, specs, measure=None, keep_models=False):
+    def load(self, spec, keep_model=False):
+        """(record, model or None) of a finished model, or None when it has no readable
+        record: none yet, or one that a crash, a full disk or a shared filesystem left
+        truncated or corrupt (then with a one-line warning: it counts as missing)."""
+        if not self.records_dir:
+            return None
+        json_path, weights_path = self._paths(spec)
+        if not os.path.exists(json_path):
+            return None
+        try:
+            with open(json_path) as f:
+                record = json.load(f)
+            if not isinstance(record, dict) or "diverged" not in record:
+                raise ValueError("not a model record")
+            # the weights are checked too: a record without usable weights is no record
+            model = self._rebuild(spec, torch.load(weights_path, weights_only=True))
+        except Exception as e:
+            warnings.warn(f"record {json_path} is unreadable ({_first_line(e)}); it counts "
+                          "as missing and its group is trained again")
+            return None
+        return record, (model if keep_model else None)
+
+    def run_many(self, specs, measure=None, keep_models=False, select=None):
         """Records of the models of `specs`, in order: loaded when an earlier run finished
-        them, else trained (fused in `groups`). `measure(spec, model, epoch)` is called at
-        the epochs in spec["checkpoints"]; its dicts are kept in record["checkpoints"].
-        With keep_models, returns (records, trained models).
+        them, else trained (fused in `groups`). `measure(spec, model, epoch, data)` is
+        called at the epochs in spec["checkpoints"]; its dicts are kept in
+        record["checkpoints"]. With keep_models, returns (records, trained models).
+        `select(group)` (a shard's share) limits which unfinished groups train; the
+        records of the others are None.
 
         Groups are formed from all of `specs`, finished or not, so a resumed run trains
         exactly the groups of an uninterrupted one; a group that an interruption left
         partly saved is trained again whole (fused models round differently in another
         group, see FusedModels)."""
         index = {self.key(spec): i for i, spec in enumerate(specs)}
+        self.total_cost = sum(map(model_cost, specs))
         done, todo = {}, []
         for group in self.groups(specs):
-            paths = [self._paths(spec) if self.records_dir else (None, None) for spec in group]
-            if not all(json_path and os.path.exists(json_path) for json_path, _ in paths):
+            loaded = [self.load(spec, keep_models) for spec in group]
+            if any(item is None for item in loaded):
                 todo.append(group)
                 continue
-            for spec, (json_path, weights_path) in zip(group, paths):
-                with open(json_path) as f:
-                    record = json.load(f)
-                model = (self._rebuild(spec, torch.load(weights_path, weights_only=True))
-                         if keep_models else None)
-                done[index[self.key(spec)]] = (record, model)
-                self._report(spec, record, self.cost(spec), cached=True)
-        todo.sort(key=lambda g: -sum(map(self.cost, g)))
+            for spec, item in zip(group, loaded):
+                done[index[self.key(spec)]] = item
+                self._report(spec, item[0], cached=True)
+        todo = [group for group in todo if select is None or select(group)]
+        if todo and _COLLECT_FROM:
+            raise NotCollectable(f"{sum(map(len, todo))} models of {self.experiment} have no "
+                                 "readable record")
+        todo.sort(key=lambda g: -group_cost(g))
+        self.train_start = time.time()
         for group, fitted in self._fit_groups(todo, measure):
             for spec, (record, model) in zip(group, fitted):
                 done[index[self.key(spec)]] = (self._store(spec, record, model), model)
-        records = [done[i][0] for i in range(len(specs))]
-        return (records, [done[i][1] for i in range(len(specs))]) if keep_models else records
+        missing = (None, None)
+        records = [done.get(i, missing)[0] for i in range(len(specs))]
+        return (records, [done.get(i, missing)[1] for i in range(len(specs))]) \
+            if keep_models else records
 
     def _fit_groups(self, groups, measure):
-        """(group, [(record, model), ...]) for every group, longest first. On a CPU with
-        WORKERS > 1, groups without checkpoints go to worker processes of one thread each
-        (small models cannot use two threads, two processes can use two cores) while this
-        process, also on one thread, trains those with checkpoints (their `measure` is a
-        closure over this process's state)."""
-        workers = WORKERS or (min(2, os.cpu_count() or 1)
-                              if self.data["x_train"].device.type == "cpu" else 1)
-        parallel = [g for g in groups if not g[0].get("checkpoints")]
-        if workers < 2 or len(parallel) < 2 or self.data["x_train"].device.type != "cpu":
+        """(group, [(record, model), ...]) for every group, in the order given (longest
+        first). On a CPU with two or more workers, every group trains on one thread: in
+        worker processes while two or more are left (two one-thread processes use two
+        cores better than one process on two threads), here when only one is. The thread
+        count changes rounding, so a model's numbers never depend on how many groups a
+        run, a resumed run or a shard has left."""
+        workers = worker_count(self.data["x_train"].device.type)
+        if workers < 2:
             for group in groups:
                 yield group, self._fit_group(group, measure)
             return
-        import multiprocessing
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        context = multiprocessing.get_context("spawn")
-        try:
-            with context.Pool(workers, _worker_init, (hyperparameters(),)) as pool:
-                pending = pool.imap_unordered(_worker_fit, [(self.experiment, self.data, g)
-                                                            for g in parallel])
+        with torch_threads(1):
+            if len(groups) < 2:
                 for group in groups:
-                    if group[0].get("checkpoints"):
-                        yield group, self._fit_group(group, measure)
-                for group, fitted in pending:
+                    yield group, self._fit_group(group, measure)
+                return
+            import multiprocessing
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(workers, len(groups)), _worker_init,
+                              (hyperparameters(),)) as pool:
+                jobs = [(self.experiment, self.data, group, measure) for group in groups]
+                for group, fitted in pool.imap_unordered(_worker_fit, jobs):
                     yield group, [(record, self._rebuild(spec, state))
                                   for spec, (record, state) in zip(group, fitted)]
-        finally:
-            torch.set_num_threads(threads)
 
     def _rebuild(self, spec, state):
         model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
@@ -1183,9 +1264,10 @@ class ModelRuns:
         models = [make_model(s["arch"], s["width"], seed, s.get("d"))
                   for s, seed in zip(group, seeds)]
         measured = [[] for _ in group]
-        trained = train_models(models, self.data, [s["optimizer"] for s in group],
-                               group[0]["epochs"], seeds, group[0].get("checkpoints", ()),
-                               lambda g, m, e: measured[g].append(measure(group[g], m, e)))
+        trained = train_models(
+            models, self.data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
+            group[0].get("checkpoints", ()),
+            lambda g, m, e: measured[g].append(measure(group[g], m, e, self.data)))
         seconds = (time.time() - start) / len(group)  # wall time shared by a fused group
         fitted = []
         for spec, seed, model, fit, curve in zip(group, seeds, models, trained, measured):
@@ -1203,7 +1285,8 @@ class ModelRuns:
                 scores = analyse_model(model, self.data)
             fitted.append(({**spec, "seed": seed, "params": count_parameters(model), **fit,
                             **scores, "checkpoints": curve, "seconds": seconds,
-                            "trained_with": len(group)}, model.eval()))
+                            "trained_with": len(group), "device": self.device_type},
+                           model.eval()))
         return fitted
 
     def _store(self, spec, record, model):
@@ -1215,19 +1298,19 @@ class ModelRuns:
             write_atomic(weights_path, lambda f: torch.save(state, f))
             save_json(json_path, record)  # written last: its presence marks it done
         record = json.loads(json.dumps(_json_ready(record)))
-        self.train_seconds += record["seconds"]
-        self.trained_cost += self.cost(spec)
-        self._report(spec, record, self.cost(spec), cached=False)
+        self.trained_cost += model_cost(spec)
+        self._report(spec, record, cached=False)
         return record
 
-    def _report(self, spec, record, cost, cached):
+    def _report(self, spec, record, cached):
         self.count += 1
-        self.done_cost += cost
+        self.done_cost += model_cost(spec)
         if self.log is None:
             return
+        # time left from this run's own pace: wall time so far over the work trained so far
         left = max(self.total_cost - self.done_cost, 0)
-        eta = (f"~{_duration(self.train_seconds / self.trained_cost * left)} left"
-               if self.trained_cost else "")
+        eta = (f"~{_duration((time.time() - self.train_start) / self.trained_cost * left)} "
+               "left" if self.trained_cost and left else "")
         what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
         if spec.get("d") is not None:
             what += f" d={spec['d']}"
@@ -1251,10 +1334,10 @@ def _worker_fit(job):
     """In a worker process: train one group on the parent's data (a worker that loaded
     it itself would pay about 0.9 s importing mnist1d and scipy); the records and weights
     go back to the parent, which alone writes files and prints progress."""
-    experiment, data, group = job
+    experiment, data, group, measure = job
     runs = ModelRuns(experiment, data, log=None)
     return group, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
-                   for record, model in runs._fit_group(group)]
+                   for record, model in runs._fit_group(group, measure)]
 
 
 def _fmt(value):
@@ -1338,6 +1421,18 @@ def _exp1_values(record):
             "per_layer": record["per_layer"], "esd": record["esd"]}
 
 
+def model_wise_setup(epochs=None, widths=None, archs=("ResNet", "CNN"),
+                     optimizers=("SGD", "Adam"), replicates=None):
+    """Exp 1's settings (None: the globals) and the spec of each of its models."""
+    epochs = _check_positive_int("epochs", EPOCHS_MODEL_WISE if epochs is None else epochs)
+    widths = _check_int_list("widths", WIDTHS if widths is None else widths)
+    replicates = _check_replicates(replicates)
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs, "replicate": r}
+             for a in archs for o in optimizers for w in widths for r in range(replicates)]
+    return dict(epochs=epochs, widths=widths, archs=archs, optimizers=optimizers,
+                replicates=replicates, specs=specs)
+
+
 def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
                             optimizers=("SGD", "Adam"), replicates=None, device=None,
                             records_dir=None, log=print):
@@ -1348,14 +1443,11 @@ def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
     labels); "per_layer": NC1 (both forms) and NC4 of every layer L0..L3; "esd": the weight
     spectra (layer-averaged power-law alpha and every weight's fit). Every replicate's value
     is kept under "replicates"; "diverged" says whether any replicate diverged."""
-    epochs = _check_positive_int("epochs", EPOCHS_MODEL_WISE if epochs is None else epochs)
-    widths = _check_int_list("widths", WIDTHS if widths is None else widths)
-    replicates = _check_replicates(replicates)
+    setup = model_wise_setup(epochs, widths, archs, optimizers, replicates)
+    epochs, widths, replicates = setup["epochs"], setup["widths"], setup["replicates"]
     data = experiment_data(resolve_device(device))
-    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs, "replicate": r}
-             for a in archs for o in optimizers for w in widths for r in range(replicates)]
-    runs = ModelRuns("exp1", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
-    points = iter(_chunks(runs.run_many(specs), replicates))
+    runs = ModelRuns("exp1", data, records_dir, log)
+    points = iter(_chunks(runs.run_many(setup["specs"]), replicates))
     out = {}
     for arch in archs:
         for opt in optimizers:
@@ -1383,6 +1475,28 @@ def log_spaced_epochs(epochs, points):
 CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_all"]
 
 
+def epoch_wise_setup(epochs=None, widths=None, replicates=None):
+    """Exp 2's settings (None: the globals) and the spec of each of its models."""
+    epochs = _check_positive_int("epochs", EPOCHS_EPOCH_WISE if epochs is None else epochs)
+    widths = dict(EPOCH_WISE_WIDTHS if widths is None else widths)
+    for name, w in widths.items():
+        _check_positive_int(f"width of {name!r}", w)
+    replicates = _check_replicates(replicates)
+    grid = log_spaced_epochs(epochs, EPOCH_WISE_POINTS)
+    specs = [{"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
+              "checkpoints": grid, "replicate": r}
+             for w in widths.values() for r in range(replicates)]
+    return dict(epochs=epochs, widths=widths, replicates=replicates, grid=grid, specs=specs)
+
+
+def epoch_wise_measure(spec, model, epoch, data):
+    """What Exp 2 records of a model at each of its checkpoints."""
+    scores, spectra = evaluate(model, data), model_esd(model)
+    return {"epoch": epoch, "train_err": scores["train_err"], "test_err": scores["test_err"],
+            "nc1": scores["nc_train"]["nc1"], "alpha": spectra["alpha"],
+            "alpha_all": spectra["alpha_all"]}
+
+
 def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=None,
                             records_dir=None, log=print):
     """Exp 2, epoch-wise double descent: ResNet-1D at a "critical" and a "large" width, Adam,
@@ -1390,26 +1504,13 @@ def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=No
     error, NC1 (training set) and the layer-averaged power-law alpha of the weight spectra
     ("alpha": layers with enough eigenvalues for a reliable fit; "alpha_all": every layer),
     with every replicate's values under "replicates"."""
-    epochs = _check_positive_int("epochs", EPOCHS_EPOCH_WISE if epochs is None else epochs)
-    widths = dict(EPOCH_WISE_WIDTHS if widths is None else widths)
-    for name, w in widths.items():
-        _check_positive_int(f"width of {name!r}", w)
-    replicates = _check_replicates(replicates)
+    setup = epoch_wise_setup(epochs, widths, replicates)
+    widths, grid = setup["widths"], setup["grid"]
     data = experiment_data(resolve_device(device))
-    grid = log_spaced_epochs(epochs, EPOCH_WISE_POINTS)
-    specs = [{"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
-              "checkpoints": grid, "replicate": r}
-             for w in widths.values() for r in range(replicates)]
-    runs = ModelRuns("exp2", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
-
-    def measure(spec, model, epoch):
-        scores, spectra = evaluate(model, data), model_esd(model)
-        return {"epoch": epoch, "train_err": scores["train_err"],
-                "test_err": scores["test_err"], "nc1": scores["nc_train"]["nc1"],
-                "alpha": spectra["alpha"], "alpha_all": spectra["alpha_all"]}
-
+    runs = ModelRuns("exp2", data, records_dir, log)
     out = {}
-    for name, records in zip(widths, _chunks(runs.run_many(specs, measure), replicates)):
+    for name, records in zip(widths, _chunks(runs.run_many(setup["specs"], epoch_wise_measure),
+                                             setup["replicates"])):
         # a diverged model may stop early when its whole group diverged: missing epochs are NaN
         curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
         by_epoch = [[{key: curve.get(epoch, {}).get(key) for key in CURVE_NAMES}
@@ -1426,23 +1527,30 @@ def _exp3_values(record):
             "nc_test": record["nc_test"]}
 
 
+def generalized_nc_setup(epochs=None, dims=None, width=None, replicates=None):
+    """Exp 3's settings (None: the globals) and the spec of each of its models."""
+    epochs = _check_positive_int("epochs", EPOCHS_GEN_NC if epochs is None else epochs)
+    dims = _check_int_list("dims", DIMS if dims is None else dims)
+    width = _check_positive_int("width", GEN_NC_WIDTH if width is None else width)
+    replicates = _check_replicates(replicates)
+    specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs,
+              "replicate": r} for d in dims for r in range(replicates)]
+    return dict(epochs=epochs, dims=dims, width=width, replicates=replicates, specs=specs)
+
+
 def run_generalized_nc(epochs=None, dims=None, width=None, replicates=None, device=None,
                        records_dir=None, log=print):
     """Exp 3, generalised NC: ResNet-1D(width) with a bias-free projector to d dimensions,
     SGD, `replicates` models per d; NC metrics (training set) against d, the mean over
     replicates, with every replicate's values under "replicates". d < K-1 = 9 cannot hold a
     simplex ETF."""
-    epochs = _check_positive_int("epochs", EPOCHS_GEN_NC if epochs is None else epochs)
-    dims = _check_int_list("dims", DIMS if dims is None else dims)
-    width = _check_positive_int("width", GEN_NC_WIDTH if width is None else width)
-    replicates = _check_replicates(replicates)
+    setup = generalized_nc_setup(epochs, dims, width, replicates)
     data = experiment_data(resolve_device(device))
-    specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs,
-              "replicate": r} for d in dims for r in range(replicates)]
-    runs = ModelRuns("exp3", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
-    by_d = _chunks(runs.run_many(specs), replicates)
-    return _json_ready({"width": width, "d": dims, **_sweep_summary(by_d, _exp3_values),
-                        "epochs": epochs, "replicate_count": replicates})
+    runs = ModelRuns("exp3", data, records_dir, log)
+    by_d = _chunks(runs.run_many(setup["specs"]), setup["replicates"])
+    return _json_ready({"width": setup["width"], "d": setup["dims"],
+                        **_sweep_summary(by_d, _exp3_values), "epochs": setup["epochs"],
+                        "replicate_count": setup["replicates"]})
 
 
 CKA_CONV_MODES = ["pool", "flatten"]
@@ -1502,15 +1610,10 @@ def cka_inputs(data):
 CKA_ESTIMATORS = {"linear": linear_CKA, "debiased": debiased_linear_CKA}
 
 
-def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=None,
-                       seeds=None, drift_epochs=None, estimator=None, conv=None, device=None,
-                       records_dir=None, log=print):
-    """Exp 4, layer-wise CKA between ResNet-1D models trained with Adam:
-    4A small vs large width (4x4 layer pairs, rows small, columns large); 4B one model at
-    `width` against its epoch-1 self at `drift_epochs` (the model of the first seed);
-    4C the models of `seeds` compared pairwise, layer by layer. `estimator` (CKA_ESTIMATOR)
-    is "linear" or "debiased"; `conv` (CKA_CONV) pools conv activations over length or
-    flattens them."""
+def cka_setup(epochs=None, small_width=None, large_width=None, width=None, seeds=None,
+              drift_epochs=None, estimator=None, conv=None):
+    """Exp 4's settings (None: the globals) and the spec of each of its models: the small
+    and the large width, then one model per seed at `width`, the first with checkpoints."""
     epochs = _check_positive_int("epochs", EPOCHS_CKA if epochs is None else epochs)
     small = _check_positive_int("small_width", CKA_SMALL_WIDTH if small_width is None else small_width)
     large = _check_positive_int("large_width", CKA_LARGE_WIDTH if large_width is None else large_width)
@@ -1523,25 +1626,50 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
     estimator = _check_choice("estimator", CKA_ESTIMATOR if estimator is None else estimator,
                               list(CKA_ESTIMATORS))
     conv = _check_choice("conv", CKA_CONV if conv is None else conv, CKA_CONV_MODES)
-    similarity = CKA_ESTIMATORS[estimator]
-    data = experiment_data(resolve_device(device))
-    x_cka = cka_inputs(data)
     base = {"arch": "ResNet", "optimizer": "Adam", "epochs": epochs}
     specs = ([{**base, "width": w} for w in (small, large)]
              + [{**base, "width": width, "seed": s} for s in seeds])
     specs[2]["checkpoints"] = drift
-    runs = ModelRuns("exp4", data, records_dir, log, sum(map(ModelRuns.cost, specs)))
+    return dict(epochs=epochs, small=small, large=large, width=width, seeds=seeds,
+                estimator=estimator, conv=conv, specs=specs)
 
-    reference = {}
 
-    def measure_drift(spec, model, epoch):
-        reps = layer_representations(model, x_cka, conv)
-        reference.setdefault("reps", reps)  # the first checkpoint is epoch 1
-        return {"epoch": epoch, **{layer: similarity(r, r1) for layer, r, r1
-                                   in zip(LAYERS, reps, reference["reps"])}}
+class DriftMeasure:
+    """Exp 4B's checkpoint measurement: the CKA of each layer with the same model's layer at
+    epoch 1, its first checkpoint. An object rather than a closure so that a worker process
+    can run it; it keeps each model's epoch-1 representations."""
 
+    def __init__(self, estimator, conv):
+        self.estimator, self.conv, self.reference = estimator, conv, {}
+
+    def __call__(self, spec, model, epoch, data):
+        reps = layer_representations(model, cka_inputs(data), self.conv)
+        first = self.reference.setdefault(json.dumps(spec, sort_keys=True), reps)
+        similarity = CKA_ESTIMATORS[self.estimator]
+        return {"epoch": epoch, **{layer: similarity(r, r1)
+                                   for layer, r, r1 in zip(LAYERS, reps, first)}}
+
+
+def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=None,
+                       seeds=None, drift_epochs=None, estimator=None, conv=None, device=None,
+                       records_dir=None, log=print):
+    """Exp 4, layer-wise CKA between ResNet-1D models trained with Adam:
+    4A small vs large width (4x4 layer pairs, rows small, columns large); 4B one model at
+    `width` against its epoch-1 self at `drift_epochs` (the model of the first seed);
+    4C the models of `seeds` compared pairwise, layer by layer. `estimator` (CKA_ESTIMATOR)
+    is "linear" or "debiased"; `conv` (CKA_CONV) pools conv activations over length or
+    flattens them."""
+    setup = cka_setup(epochs, small_width, large_width, width, seeds, drift_epochs,
+                      estimator, conv)
+    small, large, width, seeds = setup["small"], setup["large"], setup["width"], setup["seeds"]
+    conv, specs = setup["conv"], setup["specs"]
+    similarity = CKA_ESTIMATORS[setup["estimator"]]
+    data = experiment_data(resolve_device(device))
+    x_cka = cka_inputs(data)
+    runs = ModelRuns("exp4", data, records_dir, log)
+    measure = DriftMeasure(setup["estimator"], conv)
     models = {}
-    for spec, record, model in zip(specs, *runs.run_many(specs, measure_drift, keep_models=True)):
+    for spec, record, model in zip(specs, *runs.run_many(specs, measure, keep_models=True)):
         models[(spec["width"], spec.get("seed"))] = (record,
                                                      layer_representations(model, x_cka, conv))
     small_reps, large_reps = models[(small, None)][1], models[(large, None)][1]
@@ -1558,8 +1686,8 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
         "test_err": {f"w{spec['width']}" + (f"_seed{spec['seed']}" if "seed" in spec else ""):
                      models[(spec["width"], spec.get("seed"))][0]["test_err"]
                      for spec in specs},
-        "cka_subset": len(x_cka), "cka_conv": conv, "estimator": estimator,
-        "epochs_trained": epochs})
+        "cka_subset": len(x_cka), "cka_conv": conv, "estimator": setup["estimator"],
+        "epochs_trained": setup["epochs"]})
 
 
 # ----------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def ours(specs, data, epochs, device):
     """What the drivers do: fused groups, longest first, CPU worker processes (training and
     evaluation; nothing written)."""
     runs = ncc.ModelRuns("benchmark", data, log=None)
-    groups = sorted(runs.groups(specs), key=lambda g: -sum(map(runs.cost, g)))
+    groups = sorted(runs.groups(specs), key=lambda g: -ncc.group_cost(g))
     for _ in runs._fit_groups(groups, None):
         pass
     sync(device)
