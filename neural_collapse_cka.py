@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -70,6 +71,7 @@ WORKERS = 0                    # CPU worker processes; 0: one per core, at most 
 CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest <= this
 CUDA_GRAPHS = False            # GPU: replay each epoch after the first as one CUDA graph
                                # (EpochGraph); not yet run on a GPU, so off by default
+PROGRESS_SECONDS = 30.0        # a progress line for each training group at least this often
 
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
@@ -910,7 +912,8 @@ class EpochGraph:
         return graph
 
 
-def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_checkpoint=None):
+def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_checkpoint=None,
+                 on_epoch=None):
     """Train G models of one architecture side by side on (x_train, y_train): batch
     BATCH_SIZE, each model reshuffled every epoch by its own generator seeded with its own
     seed. The loss is the sum over models of each model's mean batch loss (a mean over
@@ -918,7 +921,8 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
     list of one per model (`RowOptimizers`), so each model trains exactly as it would alone.
 
     `on_checkpoint(g, model, epoch)` is called after each epoch in `checkpoints` with model g
-    (in eval mode). A model whose epoch loss is NaN or infinite is marked diverged and
+    (in eval mode), and `on_epoch(epoch)` after every epoch (progress). A model whose
+    epoch loss is NaN or infinite is marked diverged and
     leaves the loss. The trained weights are written back into `models`. Returns one
     {epochs_run, train_loss, diverged} per model.
 
@@ -966,6 +970,8 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
         if epoch in checkpoints and on_checkpoint is not None:
             for g, model in enumerate(models):
                 on_checkpoint(g, fused.copy_into(g, model).to(device).eval(), epoch)
+        if on_epoch is not None:
+            on_epoch(epoch)
         if not alive.any():
             break
     for g, model in enumerate(models):
@@ -1031,7 +1037,7 @@ def training_config():
     models to run (WIDTHS, DIMS, ...) and the epoch counts are left out: a model's own
     width and epochs are part of its record key instead."""
     skip = {"WIDTHS", "DIMS", "EPOCH_WISE_WIDTHS", "CKA_SEEDS", "REPLICATES", "DATA_DIR",
-            "FIGURE_DPI"}
+            "FIGURE_DPI", "PROGRESS_SECONDS"}
     return {name: value for name, value in hyperparameters().items()
             if name not in skip and not name.startswith("EPOCHS_")}
 
@@ -1138,11 +1144,13 @@ class ModelRuns:
     """Trains models, or loads their records from `records_dir` when an earlier run of the
     same configuration finished them; prints one progress line per model with an ETA."""
 
-    def __init__(self, experiment, data, records_dir=None, log=print):
+    def __init__(self, experiment, data, records_dir=None, log=print, device_type=None):
         self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
-        self.device_type = _COLLECT_FROM or data["x_train"].device.type
+        # the device type in record keys: `device_type`, else a collect's, else the data's
+        self.device_type = device_type or _COLLECT_FROM or data["x_train"].device.type
         self.count, self.total_cost, self.done_cost, self.trained_cost = 0, 0, 0, 0
-        self.train_start = None
+        self.train_start, self.todo_cost, self.finished, self.last_progress = None, 0, set(), 0.0
+        self.partial_cost = 0  # work done in groups that workers are still training
 
     def key(self, spec):
         # the CKA settings only change what Exp 4 measures during training
@@ -1217,10 +1225,14 @@ class ModelRuns:
             raise NotCollectable(f"{sum(map(len, todo))} models of {self.experiment} have no "
                                  "readable record")
         todo.sort(key=lambda g: -group_cost(g))
-        self.train_start = time.time()
-        for group, fitted in self._fit_groups(todo, measure):
-            for spec, (record, model) in zip(group, fitted):
-                done[index[self.key(spec)]] = (self._store(spec, record, model), model)
+        self.train_start = self.last_progress = time.time()
+        self.todo_cost = sum(map(group_cost, todo))
+        # closing: an interruption shuts the worker pool down at once, not at collection
+        with contextlib.closing(self._fit_groups(todo, measure)) as fits:
+            for group, fitted in fits:
+                self.trained_cost += group_cost(group)  # a group's models finish together
+                for spec, (record, model) in zip(group, fitted):
+                    done[index[self.key(spec)]] = (self._store(spec, record, model), model)
         missing = (None, None)
         records = [done.get(i, missing)[0] for i in range(len(specs))]
         return (records, [done.get(i, missing)[1] for i in range(len(specs))]) \
@@ -1232,32 +1244,71 @@ class ModelRuns:
         worker processes while two or more are left (two one-thread processes use two
         cores better than one process on two threads), here when only one is. The thread
         count changes rounding, so a model's numbers never depend on how many groups a
-        run, a resumed run or a shard has left."""
+        run, a resumed run or a shard has left. Progress lines come from this process:
+        workers write the epoch they are at into shared memory."""
         workers = worker_count(self.data["x_train"].device.type)
         if workers < 2:
-            for group in groups:
-                yield group, self._fit_group(group, measure)
+            for i, group in enumerate(groups):
+                yield group, self._fit_group(group, measure, self._epoch_counter(i, group))
             return
         with torch_threads(1):
             if len(groups) < 2:
-                for group in groups:
-                    yield group, self._fit_group(group, measure)
+                for i, group in enumerate(groups):
+                    yield group, self._fit_group(group, measure, self._epoch_counter(i, group))
                 return
             import multiprocessing
             context = multiprocessing.get_context("spawn")
+            epochs_done = context.Array("i", len(groups), lock=False)
             with context.Pool(min(workers, len(groups)), _worker_init,
-                              (hyperparameters(),)) as pool:
-                jobs = [(self.experiment, self.data, group, measure) for group in groups]
-                for group, fitted in pool.imap_unordered(_worker_fit, jobs):
-                    yield group, [(record, self._rebuild(spec, state))
-                                  for spec, (record, state) in zip(group, fitted)]
+                              (hyperparameters(), epochs_done)) as pool:
+                jobs = [(self.experiment, self.data, group, measure, i)
+                        for i, group in enumerate(groups)]
+                results = pool.imap_unordered(_worker_fit, jobs)
+                left = len(groups)
+                while left:
+                    try:
+                        i, fitted = results.next(timeout=PROGRESS_SECONDS)
+                    except multiprocessing.TimeoutError:
+                        self._progress(self._training(groups, epochs_done))
+                        continue
+                    left -= 1
+                    self.finished.add(i)
+                    self.partial_cost = sum(group_cost(g) * epoch / g[0]["epochs"] for g, epoch
+                                            in self._training(groups, epochs_done).values())
+                    yield groups[i], [(record, self._rebuild(spec, state))
+                                      for spec, (record, state) in zip(groups[i], fitted)]
+
+    def _training(self, groups, epochs_done):
+        """{index: (group, epochs done)} of the groups that workers are training now."""
+        return {i: (group, epochs_done[i]) for i, group in enumerate(groups)
+                if 0 < epochs_done[i] and i not in self.finished}
+
+    def _epoch_counter(self, i, group):
+        """on_epoch for a group trained in this process: a progress line when one is due."""
+        def on_epoch(epoch):
+            if time.time() - self.last_progress >= PROGRESS_SECONDS:
+                self._progress({i: (group, epoch)})
+        return on_epoch
+
+    def _progress(self, training):
+        """One line per group in training ({index: (group, epochs done)}): its epoch and
+        the time left in this experiment and in the whole run, from this run's pace."""
+        self.last_progress = time.time()
+        if self.log is None:
+            return
+        progressed = self.trained_cost + sum(group_cost(g) * epoch / g[0]["epochs"]
+                                             for g, epoch in training.values())
+        left = _eta(time.time() - self.train_start, progressed, self.todo_cost)
+        for group, epoch in training.values():
+            self.log(f"[{self.experiment}] {_describe_group(group)}: epoch {epoch} of "
+                     f"{group[0]['epochs']}; {_left(self.experiment, left)}")
 
     def _rebuild(self, spec, state):
         model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
         model.load_state_dict(state)
         return model.to(self.data["x_train"].device).eval()
 
-    def _fit_group(self, group, measure=None):
+    def _fit_group(self, group, measure=None, on_epoch=None):
         """Train one group; [(record, trained model)] without saving anything."""
         start = time.time()
         seeds = [self.seed(spec) for spec in group]
@@ -1267,7 +1318,8 @@ class ModelRuns:
         trained = train_models(
             models, self.data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
             group[0].get("checkpoints", ()),
-            lambda g, m, e: measured[g].append(measure(group[g], m, e, self.data)))
+            lambda g, m, e: measured[g].append(measure(group[g], m, e, self.data)),
+            on_epoch)
         seconds = (time.time() - start) / len(group)  # wall time shared by a fused group
         fitted = []
         for spec, seed, model, fit, curve in zip(group, seeds, models, trained, measured):
@@ -1298,7 +1350,6 @@ class ModelRuns:
             write_atomic(weights_path, lambda f: torch.save(state, f))
             save_json(json_path, record)  # written last: its presence marks it done
         record = json.loads(json.dumps(_json_ready(record)))
-        self.trained_cost += model_cost(spec)
         self._report(spec, record, cached=False)
         return record
 
@@ -1307,10 +1358,11 @@ class ModelRuns:
         self.done_cost += model_cost(spec)
         if self.log is None:
             return
-        # time left from this run's own pace: wall time so far over the work trained so far
-        left = max(self.total_cost - self.done_cost, 0)
-        eta = (f"~{_duration((time.time() - self.train_start) / self.trained_cost * left)} "
-               "left" if self.trained_cost and left else "")
+        eta = ""
+        if not cached:
+            left = _eta(time.time() - self.train_start,
+                        self.trained_cost + self.partial_cost, self.todo_cost)
+            eta = _left(self.experiment, left) if self.trained_cost < self.todo_cost else ""
         what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
         if spec.get("d") is not None:
             what += f" d={spec['d']}"
@@ -1322,22 +1374,69 @@ class ModelRuns:
             f"test_err {_fmt(record['test_err'])} NC1 {_fmt(record['nc_train']['nc1'])}")
         timing = "cached" if cached else f"{record['seconds']:.1f}s"
         self.log(f"[{self.experiment}] {what:<28} {status}  ({timing})  "
-                 f"{self.count} done {eta}".rstrip())
+                 f"{self.count} done{'; ' + eta if eta else ''}")
 
 
-def _worker_init(settings):
+_EPOCHS_DONE = None  # in a worker: shared memory for the epoch each job has reached
+
+
+def _worker_init(settings, epochs_done):
+    global _EPOCHS_DONE
+    _EPOCHS_DONE = epochs_done
     torch.set_num_threads(1)
     apply_settings(settings)
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and ends us)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import threading
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent):
+    """A worker ends when its parent does, however the parent ended (a SIGKILL or a
+    cluster's time limit included), instead of training on for nobody."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _worker_fit(job):
     """In a worker process: train one group on the parent's data (a worker that loaded
     it itself would pay about 0.9 s importing mnist1d and scipy); the records and weights
     go back to the parent, which alone writes files and prints progress."""
-    experiment, data, group, measure = job
+    experiment, data, group, measure, index = job
     runs = ModelRuns(experiment, data, log=None)
-    return group, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
-                   for record, model in runs._fit_group(group, measure)]
+    on_epoch = functools.partial(_EPOCHS_DONE.__setitem__, index)
+    return index, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
+                   for record, model in runs._fit_group(group, measure, on_epoch)]
+
+
+def _eta(elapsed, progressed, total):
+    """Seconds left at the pace so far: `progressed` of `total` cost done in `elapsed`
+    seconds (with workers, the partial epochs of groups in training count, so the pace
+    includes every worker)."""
+    return elapsed / progressed * max(total - progressed, 0) if progressed > 0 else None
+
+
+# The plan's estimate of each experiment of a command-line run, and the seconds taken by
+# those already finished: they give the time left in the whole run (`_left`).
+_RUN = {"estimates": {}, "taken": {}}
+
+
+def _left(experiment, seconds):
+    """'exp1 ~5m left, run ~1h02m left': this experiment's time left and the run's, where
+    each later experiment takes its estimate scaled by this run's pace so far (the seconds
+    the finished experiments took over their estimates)."""
+    if seconds is None:
+        return ""
+    text = f"{experiment} ~{_duration(seconds)} left"
+    later = [e for e in _RUN["estimates"] if e not in _RUN["taken"] and e != experiment]
+    if later:
+        finished = [e for e in _RUN["taken"] if e in _RUN["estimates"]]
+        estimated = sum(_RUN["estimates"][e] for e in finished)
+        pace = sum(_RUN["taken"][e] for e in finished) / estimated if estimated else 1.0
+        total = seconds + pace * sum(_RUN["estimates"][e] for e in later)
+        text += f", run ~{_duration(total)} left"
+    return text
 
 
 def _fmt(value):
@@ -1486,7 +1585,8 @@ def epoch_wise_setup(epochs=None, widths=None, replicates=None):
     specs = [{"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
               "checkpoints": grid, "replicate": r}
              for w in widths.values() for r in range(replicates)]
-    return dict(epochs=epochs, widths=widths, replicates=replicates, grid=grid, specs=specs)
+    return dict(epochs=epochs, widths=widths, replicates=replicates, grid=grid, specs=specs,
+                measure=epoch_wise_measure)
 
 
 def epoch_wise_measure(spec, model, epoch, data):
@@ -1509,7 +1609,7 @@ def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=No
     data = experiment_data(resolve_device(device))
     runs = ModelRuns("exp2", data, records_dir, log)
     out = {}
-    for name, records in zip(widths, _chunks(runs.run_many(setup["specs"], epoch_wise_measure),
+    for name, records in zip(widths, _chunks(runs.run_many(setup["specs"], setup["measure"]),
                                              setup["replicates"])):
         # a diverged model may stop early when its whole group diverged: missing epochs are NaN
         curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
@@ -1631,7 +1731,8 @@ def cka_setup(epochs=None, small_width=None, large_width=None, width=None, seeds
              + [{**base, "width": width, "seed": s} for s in seeds])
     specs[2]["checkpoints"] = drift
     return dict(epochs=epochs, small=small, large=large, width=width, seeds=seeds,
-                estimator=estimator, conv=conv, specs=specs)
+                estimator=estimator, conv=conv, specs=specs,
+                measure=DriftMeasure(estimator, conv))
 
 
 class DriftMeasure:
@@ -1667,9 +1768,9 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
     data = experiment_data(resolve_device(device))
     x_cka = cka_inputs(data)
     runs = ModelRuns("exp4", data, records_dir, log)
-    measure = DriftMeasure(setup["estimator"], conv)
     models = {}
-    for spec, record, model in zip(specs, *runs.run_many(specs, measure, keep_models=True)):
+    for spec, record, model in zip(specs, *runs.run_many(specs, setup["measure"],
+                                                         keep_models=True)):
         models[(spec["width"], spec.get("seed"))] = (record,
                                                      layer_representations(model, x_cka, conv))
     small_reps, large_reps = models[(small, None)][1], models[(large, None)][1]
@@ -2052,6 +2153,8 @@ def check_setting(name, value):
             fail("a finite number >= 0")
         if name.endswith("_LR") and value <= 0:
             fail("a learning rate > 0")
+        if name == "PROGRESS_SECONDS" and value <= 0:
+            fail("a number of seconds > 0")
         if name == "LABEL_NOISE" and value >= 1:
             fail("a fraction in [0, 1)")
         value = float(value)
@@ -2112,12 +2215,208 @@ def _package_version(name):
         return "unknown"
 
 
-def run_study(experiments, out_dir, device, preset, log=print):
+# The study as a whole: every fused group of the chosen experiments, how long each should
+# take here, and how to split them over shards (processes, GPUs or cluster jobs) that each
+# train their own groups into one shared records folder, to be collected into one results
+# file. A group is the unit of work: its models train together, so a shard always trains
+# whole groups, and each group exactly as an unsharded run would.
+SETUPS = {1: model_wise_setup, 2: epoch_wise_setup, 3: generalized_nc_setup, 4: cka_setup}
+
+
+def study_groups(experiments, device_type):
+    """[(experiment name, group)] for every fused group of `experiments`, from the
+    hyperparameters alone, as a run on `device_type` forms them."""
+    return [(f"exp{n}", group) for n in experiments
+            for group in fused_groups(SETUPS[n]()["specs"], device_type)]
+
+
+def assign_shards(costs, count):
+    """The shard (0..count-1) of each item of `costs`: longest first onto the least loaded
+    shard, then, while it lowers the most loaded shard, moving one of its items to another
+    shard or swapping one for a smaller one there. Every swap or move lowers the sum of
+    squared loads, so it ends; ties go to the lower index, so every shard computes the
+    same split from the same costs, without talking to the others."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    loads, shard = [0] * count, [0] * len(costs)
+    for i in order:
+        target = min(range(count), key=lambda k: (loads[k], k))
+        shard[i] = target
+        loads[target] += costs[i]
+
+    def improve():
+        top = max(range(count), key=lambda k: (loads[k], -k))
+        for i in (i for i in order if shard[i] == top):
+            for k in range(count):
+                if k != top and loads[k] + costs[i] < loads[top]:
+                    shard[i], loads[top], loads[k] = k, loads[top] - costs[i], loads[k] + costs[i]
+                    return True
+            for j in (j for j in order if shard[j] != top and costs[j] < costs[i]):
+                k, delta = shard[j], costs[i] - costs[j]
+                if loads[k] + delta < loads[top]:
+                    shard[i], shard[j] = k, top
+                    loads[top], loads[k] = loads[top] - delta, loads[k] + delta
+                    return True
+        return False
+
+    while count > 1 and improve():
+        pass
+    return shard
+
+
+def parse_shard(text):
+    """'I/N' -> (I, N) with 0 <= I < N, else ValueError naming what is allowed."""
+    index, sep, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        index = count = None
+    if not sep or index is None or not 0 <= index < count:
+        raise ValueError(f"--shard {text!r} is not allowed; expected I/N with 0 <= I < N, "
+                         "like 0/4 (shard 0 of 4)")
+    return index, count
+
+
+def _dataset_sizes():
+    n_train, n_test = (shape[0] for key, shape in _expected_shapes(_mnist1d_args()).items()
+                       if key in ("y", "y_test"))
+    return min(n_train, TRAIN_SUBSET or n_train), n_test
+
+
+def probe_step_seconds(group, device):
+    """Seconds per training step of `group` fused on `device`: four epochs of two steps on
+    random inputs (a step's time does not depend on the values), timing the last two, so
+    that one-off set-up and, with CUDA_GRAPHS, the capture are left out."""
+    n = 2 * BATCH_SIZE
+    fake = {"x_train": torch.randn(n, 40, device=device),
+            "y_train": torch.randint(0, NUM_CLASSES, (n,), device=device)}
+    models = [make_model(s["arch"], s["width"], 0, s.get("d")) for s in group]
+    marks = []
+    train_models(models, fake, [s["optimizer"] for s in group], 4, list(range(len(group))),
+                 checkpoints=(2,), on_checkpoint=lambda g, m, e: marks.append(time.time()))
+    return (time.time() - marks[0]) / 4
+
+
+ANALYSIS_SECONDS = 0.05   # per model analysis beyond its forward passes (NC, spectra)
+START_SECONDS = {"cpu": 3.0, "cuda": 6.0}  # data, worker start-up, figures; CUDA context
+
+
+def estimate_group_seconds(groups, device):
+    """Estimated seconds of each (experiment, group) on `device`: its training steps at the
+    probed step time, plus its models' analysis (two passes over the training set and
+    one over the test set, each input at a third of its share of a training step) and
+    the same for every checkpoint. Groups of the same models are probed once."""
+    n_train, n_test = _dataset_sizes()
+    steps = -(-n_train // BATCH_SIZE)
+    probed, seconds = {}, []
+    threads = 1 if worker_count(device.type) > 1 else torch.get_num_threads()
+    with torch_threads(threads):
+        for _, group in groups:
+            signature = tuple((s["arch"], s["width"], s.get("d"), s["optimizer"])
+                              for s in group)
+            if signature not in probed:
+                probed[signature] = probe_step_seconds(group, device)
+            step = probed[signature]
+            forward = step / 3 / len(group) / BATCH_SIZE  # one input through one model
+            analysis = (2 * n_train + n_test) * forward + ANALYSIS_SECONDS
+            checkpoint = (n_train + n_test) * forward + ANALYSIS_SECONDS
+            seconds.append(group[0]["epochs"] * steps * step
+                           + len(group) * (analysis + checkpoint
+                                           * len(group[0].get("checkpoints", ()))))
+    return seconds
+
+
+def schedule_seconds(seconds, workers):
+    """Wall time of jobs of `seconds` handed, in this order, to `workers` processes."""
+    free = [0.0] * max(1, workers)
+    for job in seconds:
+        free[free.index(min(free))] += job
+    return max(free)
+
+
+def study_estimate(groups, seconds, device):
+    """{experiment: estimated wall seconds}: each experiment's groups, longest first by
+    cost as a run takes them, over this device's workers."""
+    workers = worker_count(device.type)
+    walls = {}
+    for experiment in dict.fromkeys(name for name, _ in groups):
+        mine = sorted(((group_cost(g), t) for (name, g), t in zip(groups, seconds)
+                       if name == experiment), key=lambda pair: -pair[0])
+        walls[experiment] = schedule_seconds([t for _, t in mine], workers)
+    return walls
+
+
+def _describe_group(group):
+    widths = sorted({s["width"] for s in group})
+    optimizers = "+".join(sorted({s["optimizer"] for s in group}))
+    dims = sorted({s["d"] for s in group if s.get("d") is not None})
+    text = f"{group[0]['arch']} {optimizers} w={','.join(map(str, widths))}"
+    return text + (f" d={','.join(map(str, dims))}" if dims else "") + f" ({len(group)} models)"
+
+
+def plan_study(experiments, device, shard=None, detail=False, log=print):
+    """Print the plan of a run (or with `shard` = (I, N), of a sharded one): its groups and
+    their estimated time on this device, measured by a probe of a few seconds. Returns
+    {"groups", "owner" (each group's shard, or None), "seconds" (this process's estimated
+    total), "experiments" (each experiment's estimated seconds)}."""
+    probe_start = time.time()
+    groups = study_groups(experiments, device.type)
+    seconds = estimate_group_seconds(groups, device)
+    probe = time.time() - probe_start
+    owner = (assign_shards([group_cost(g) for _, g in groups], shard[1])
+             if shard else None)
+    workers = worker_count(device.type)
+    start = START_SECONDS.get(device.type, START_SECONDS["cpu"])
+    walls = study_estimate(groups, seconds, device)
+    total = start + sum(walls.values())
+    models = sum(len(g) for _, g in groups)
+    log(f"plan: {models} models in {len(groups)} groups on {device.type}, {workers} worker "
+        f"process{'es' if workers > 1 else ''}; estimated {_duration(total)} on this machine "
+        f"(probe {probe:.1f}s)")
+    for experiment, wall in walls.items():
+        mine = [g for name, g in groups if name == experiment]
+        log(f"  {experiment}: {sum(map(len, mine))} models in {len(mine)} groups, "
+            f"~{_duration(wall)}")
+    longest = max(range(len(groups)), key=lambda i: seconds[i])
+    log(f"  critical path (the longest group, which no split can shorten): "
+        f"{groups[longest][0]} {_describe_group(groups[longest][1])}, "
+        f"~{_duration(seconds[longest])}")
+    if detail:
+        for (name, group), t in zip(groups, seconds):
+            log(f"  {name} {_describe_group(group):<44} cost {group_cost(group):.3g}  "
+                f"~{_duration(t)}")
+    plan = {"groups": groups, "owner": owner, "seconds": total, "experiments": walls}
+    if not shard:
+        return plan
+    index, count = shard
+    costs = [group_cost(g) for _, g in groups]
+    ideal = sum(costs) / count
+    shard_walls = []
+    for k in range(count):
+        mine = [(name, g) for (name, g), o in zip(groups, owner) if o == k]
+        wall = start + sum(study_estimate(
+            mine, [t for t, o in zip(seconds, owner) if o == k], device).values())
+        shard_walls.append(wall)
+        cost = sum(c for c, o in zip(costs, owner) if o == k)
+        if detail or k == index:
+            log(f"  shard {k}/{count}: {sum(map(len, (g for _, g in mine)))} models in "
+                f"{len(mine)} groups, cost {cost / ideal:.2f} x total/N, "
+                f"~{_duration(wall)}" + (" (this one)" if k == index and not detail else ""))
+    log(f"  largest shard: cost {max(sum(c for c, o in zip(costs, owner) if o == k) for k in range(count)) / ideal:.2f} x total/N, "
+        f"~{_duration(max(shard_walls))}")
+    mine = [(name, g) for (name, g), o in zip(groups, owner) if o == index]
+    return {**plan, "seconds": shard_walls[index],
+            "experiments": study_estimate(mine, [t for t, o in zip(seconds, owner)
+                                                 if o == index], device)}
+
+
+def run_study(experiments, out_dir, device, preset, log=print, env=None, estimates=None):
     """Run the chosen experiments with the current globals, then write the results JSON and
     the figure into `out_dir` (both atomically). Finished models are kept under
-    out_dir/records, so rerunning after an interruption resumes."""
+    out_dir/records, so rerunning after an interruption resumes. `estimates` (seconds per
+    experiment, from `plan_study`) let progress lines give the time left in the run."""
+    _RUN.update(estimates=dict(estimates or {}), taken={})
     results = {"config": {"preset": preset, "experiments": experiments, **hyperparameters()},
-               "env": environment(device)}
+               "env": {**environment(device), **(env or {})}}
     walls = results["env"]["wall_seconds"] = {}
     start = time.time()
     for number in experiments:
@@ -2125,7 +2424,7 @@ def run_study(experiments, out_dir, device, preset, log=print):
         results[f"exp{number}"] = DRIVERS[number](device=device.type,
                                                   records_dir=os.path.join(out_dir, "records"),
                                                   log=log)
-        walls[f"exp{number}"] = time.time() - t0
+        walls[f"exp{number}"] = _RUN["taken"][f"exp{number}"] = time.time() - t0
     walls["total"] = time.time() - start
     json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
     save_json(json_path, results)
@@ -2133,6 +2432,92 @@ def run_study(experiments, out_dir, device, preset, log=print):
     log(f"wrote {json_path}, {' and '.join(map(os.path.basename, figures))} in "
         f"{_duration(walls['total'])}")
     return results
+
+
+def _shard_marker(records_dir, count, experiments):
+    return os.path.join(records_dir, f"shards_{count}_exp{''.join(map(str, experiments))}.json")
+
+
+def run_shard(experiments, out_dir, device, shard, log=print):
+    """Train shard I of N: its share of the study's groups (`assign_shards`, from the
+    hyperparameters alone), into out_dir/records; nothing else is written. Returns the
+    number of models it trained or found finished."""
+    index, count = shard
+    plan = plan_study(experiments, device, shard, log=log)
+    groups, owner = plan["groups"], plan["owner"]
+    _RUN.update(estimates=plan["experiments"], taken={})
+    records_dir = os.path.join(out_dir, "records")
+    save_json(_shard_marker(records_dir, count, experiments),
+              {"shards": count, "experiments": experiments})  # tells --collect who owns what
+    mine = {}
+    for (experiment, group), shard_index in zip(groups, owner):
+        if shard_index == index:
+            mine.setdefault(experiment, set()).add(_group_id(group))
+    for number in experiments:
+        experiment = f"exp{number}"
+        if experiment in mine:
+            start = time.time()
+            setup = SETUPS[number]()
+            runs = ModelRuns(experiment, experiment_data(device), records_dir, log)
+            runs.run_many(setup["specs"], setup.get("measure"),
+                          select=lambda group: _group_id(group) in mine[experiment])
+            _RUN["taken"][experiment] = time.time() - start
+    return sum(len(group) for (_, group), o in zip(groups, owner) if o == index)
+
+
+def _group_id(group):
+    return tuple(json.dumps(spec, sort_keys=True) for spec in group)
+
+
+def collect_study(experiments, out_dir, preset, log=print):
+    """The results JSON and both figures from the records under out_dir/records alone (left
+    by shards, or by any runs of this configuration), training nothing; the shards' device
+    need not be this machine's. NotCollectable (one line) when a model has no readable
+    record, or when the records come from two device types."""
+    global _COLLECT_FROM
+    records_dir = os.path.join(out_dir, "records")
+    cpu_data = {"x_train": torch.empty(0)}
+    found = {}
+    for device_type in ("cpu", "cuda"):
+        for number in experiments:
+            runs = ModelRuns(f"exp{number}", cpu_data, records_dir, None, device_type)
+            found[device_type] = found.get(device_type, 0) + sum(
+                os.path.exists(runs._paths(spec)[0]) for spec in SETUPS[number]()["specs"])
+    if all(found.values()):
+        raise NotCollectable(f"the records under {records_dir} come from two device types "
+                             f"({found['cpu']} cpu, {found['cuda']} cuda); one study's "
+                             "shards must all run on one device type")
+    device_type = "cuda" if found["cuda"] else "cpu"
+    groups = study_groups(experiments, device_type)
+    missing = []
+    for i, (experiment, group) in enumerate(groups):
+        runs = ModelRuns(experiment, cpu_data, records_dir, None, device_type)
+        if any(runs.load(spec) is None for spec in group):
+            missing.append(i)
+    if missing:
+        count = sum(len(groups[i][1]) for i in missing)
+        total = sum(len(group) for _, group in groups)
+        owners = []
+        for name in sorted(os.listdir(records_dir)) if os.path.isdir(records_dir) else []:
+            shards = name[len("shards_"):].split("_")[0] if name.startswith("shards_") else ""
+            if shards.isdigit() and name == os.path.basename(
+                    _shard_marker(records_dir, int(shards), experiments)):
+                owner = assign_shards([group_cost(g) for _, g in groups], int(shards))
+                owned = sorted({owner[i] for i in missing})
+                owners.append(f"shard{'s' if len(owned) > 1 else ''} "
+                              f"{', '.join(map(str, owned))} of {shards}")
+        where = (f"they belong to {' / '.join(owners)}: run "
+                 f"{'it' if len(owners) == 1 and ',' not in owners[0] else 'them'} "
+                 "(a rerun resumes), then collect again" if owners
+                 else f"no shard of these experiments has run into {out_dir}")
+        raise NotCollectable(f"cannot collect: {count} of {total} models have no readable "
+                             f"record under {records_dir}; {where}")
+    _COLLECT_FROM = device_type
+    try:
+        return run_study(experiments, out_dir, torch.device("cpu"), preset, log,
+                         env={"device": device_type, "collected_from_records": True})
+    finally:
+        _COLLECT_FROM = None
 
 
 def draw_figures(results, out_dir):
@@ -2189,6 +2574,16 @@ def build_parser():
                    help="override a hyperparameter global, type-checked against its default, "
                         "e.g. --set EPOCHS_MODEL_WISE=500 --set \"WIDTHS=[2,8,32]\"; "
                         "applied after the preset")
+    p.add_argument("--shard", metavar="I/N",
+                   help="train only shard I of N (0 <= I < N) of the study's groups into "
+                        "--out/records, for N processes, GPUs or cluster jobs sharing one "
+                        "--out; then run the same command with --collect instead")
+    p.add_argument("--collect", action="store_true",
+                   help="write the results JSON and figures from the records under --out "
+                        "alone, training nothing (after all shards have finished)")
+    p.add_argument("--plan", action="store_true",
+                   help="print every group, its estimated time on this machine and, with "
+                        "--shard I/N, every shard's share; train and write nothing")
     return p
 
 
@@ -2217,14 +2612,42 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
+def _check_modes(args):
+    """The flags that choose what a run does, and which of them go together."""
+    if args.plot_only and (args.shard or args.collect or args.plan):
+        raise ValueError("--plot-only only redraws a results file; it cannot be combined "
+                         "with --shard, --collect or --plan")
+    if args.collect and (args.shard or args.plan):
+        raise ValueError("--collect gathers the records of every shard; it cannot be "
+                         "combined with --shard or --plan")
+    return parse_shard(args.shard) if args.shard else None
+
+
+def _command_without(argv, flag, takes_value):
+    """The command line of this run without `flag` (and its value), for the hint a shard
+    prints about collecting."""
+    import shlex
+    words, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == flag:
+            skip = takes_value
+        elif not word.startswith(flag + "="):
+            words.append(word)
+    return " ".join(shlex.quote(w) for w in ["python", os.path.basename(__file__)] + words)
+
+
 def main(argv=None):
     warnings.formatwarning = _one_line_warning  # on the command line, a warning is one line
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        shard = _check_modes(args)
         if args.plot_only:
             results = load_results(args.plot_only)
-            out_dir = args.out if "--out" in (argv or sys.argv) else os.path.dirname(
+            out_dir = args.out if "--out" in argv else os.path.dirname(
                 os.path.abspath(args.plot_only))
             _writable_dir(out_dir)
             print("wrote " + " and ".join(draw_figures(results, out_dir)))
@@ -2238,21 +2661,55 @@ def main(argv=None):
             settings[name] = value
         for name, value in settings.items():
             check_setting(name, value)
-        device = resolve_device(args.device)
-        _writable_dir(args.out)
+        device = resolve_device("cpu" if args.collect else args.device)
+        if not args.plan:
+            _writable_dir(args.out)
     except ValueError as e:
         parser.error(str(e))
     apply_settings(settings)
-    print(f"preset {args.preset}, experiments {experiments}, device {device}, out {args.out}",
-          flush=True)
+    log = functools.partial(print, flush=True)
+    if args.plan:
+        plan_study(experiments, device, shard, detail=True, log=log)
+        return 0
+    # SIGTERM (kill, timeout, a cluster's time limit) stops the run as Ctrl-C does
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    what = "collect" if args.collect else f"shard {shard[0]}/{shard[1]}" if shard else "run"
+    log(f"{what}: preset {args.preset}, experiments {experiments}, device {device}, "
+        f"out {args.out}")
     try:
-        run_study(experiments, args.out, device, args.preset,
-                  log=lambda line: print(line, flush=True))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished models are saved under {args.out}/records; rerun the "
-              "same command to resume", file=sys.stderr)
-        return 130
+        if args.collect:
+            collect_study(experiments, args.out, args.preset, log=log)
+        elif shard:
+            models = run_shard(experiments, args.out, device, shard, log=log)
+            log(f"shard {shard[0]}/{shard[1]} finished ({models} models); when every shard "
+                f"has, collect with: {_command_without(argv, '--shard', True)} --collect")
+        else:
+            plan = plan_study(experiments, device, log=log)
+            if args.preset == "full" and device.type == "cpu":
+                log(f"note: full is sized for a GPU: about {_duration(plan['seconds'])} on "
+                    "this CPU; --preset quick draws the whole figure in minutes (this run "
+                    "goes on)")
+            run_study(experiments, args.out, device, args.preset, log=log,
+                      estimates=plan["experiments"])
+    except NotCollectable as e:
+        parser.error(str(e))
+    except KeyboardInterrupt as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut this short
+        how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+        print(f"stopped by {how}: finished models are saved under "
+              f"{os.path.join(args.out, 'records')}; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        return 143 if isinstance(stop, Terminated) else 130
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the worker pool
+    is shut down, temporary files are removed, and finished records stay."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Terminated()
 
 
 _DEFAULTS = {name: value for name, value in hyperparameters().items()}

@@ -38,6 +38,8 @@ def numbers_only(results):
     results = json.loads(json.dumps(results))
     results.pop("env")
     for exp in ("exp1", "exp3"):
+        if exp not in results:
+            continue
         for series in [results[exp]] if exp == "exp3" else results[exp].values():
             series.pop("seconds", None)
             series["replicates"].pop("seconds", None)

@@ -1,0 +1,127 @@
+"""A run as a newcomer meets it: the plan and estimate it starts with, progress lines while
+a group trains, and a clean stop on SIGTERM that a rerun resumes from."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_cli import NAME, ROOT, SCRIPT, cli, numbers_only
+
+# Exp 1 pairs of 15 epochs, so that a signal can land between groups
+SLOW = ["--preset", "smoke", "--experiments", "1", "--set", "EPOCHS_MODEL_WISE=15",
+        "--set", "CPU_GROUP_WIDTH=4"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def _children(pid):
+    """Pids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads worker pids from /proc")
+def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_dir):
+    reference = cli(*SLOW, "--out", str(tmp_path / "ref"), data_dir=data_dir)
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *SLOW, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    records = out / "records" / "exp1"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if records.exists() and list(records.glob("*.json")):
+            break
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "rerun the same command" in lines[0]
+    assert 0 < len(list(records.glob("*.json"))) < 16, "the stop should land mid-way"
+    assert not (out / f"{NAME}.json").exists()
+    deadline = time.time() + 10  # worker processes end with their parent
+    while time.time() < deadline and any(map(_alive, workers)):
+        time.sleep(0.1)
+    assert not any(map(_alive, workers))
+
+    resumed = cli(*SLOW, "--out", str(out), data_dir=data_dir)
+    assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
+    assert "(cached)" in resumed.stdout
+    ref = json.loads((tmp_path / "ref" / f"{NAME}.json").read_text())
+    again = json.loads((out / f"{NAME}.json").read_text())
+    assert numbers_only(again) == numbers_only(ref)
+
+
+PROGRESS = re.compile(r"^\[exp1\] (ResNet|CNN) .*\(\d+ models\): epoch (\d+) of 40; "
+                      r"exp1 ~\d+(s|m\d\ds) left$")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])  # in worker processes, and in this one
+def test_progress_lines_within_a_group_in_a_log(tmp_path, data_dir, workers):
+    result = cli("--preset", "smoke", "--experiments", "1", "--set", "EPOCHS_MODEL_WISE=40",
+                 "--set", "PROGRESS_SECONDS=0.2", "--set", f"WORKERS={workers}",
+                 "--out", str(tmp_path), data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout  # a log gets plain lines, never a redrawn bar
+    epochs = [int(m.group(2)) for m in map(PROGRESS.match, result.stdout.splitlines()) if m]
+    assert len(epochs) >= 3, result.stdout
+    assert all(0 < e <= 40 for e in epochs) and len(set(epochs)) >= 2
+
+
+def _estimate_and_wall(args, data_dir, out):
+    """(the plan's estimate, the seconds from the plan line to the end of the run)."""
+    cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    estimate = None
+    for line in proc.stdout:
+        match = re.match(r"plan: .* estimated (?:(\d+)m)?(\d+)s on this machine", line)
+        if match:
+            start = time.time()
+            estimate = 60 * int(match.group(1) or 0) + int(match.group(2))
+    proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()
+    return estimate, time.time() - start
+
+
+def test_plan_comes_first_and_its_estimate_is_within_2x_of_the_run(tmp_path, data_dir):
+    args = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=20", "--set", "EPOCHS_GEN_NC=20"]
+    first = cli(*args, "--out", str(tmp_path / "a"), data_dir=data_dir)
+    lines = first.stdout.splitlines()
+    assert lines[0].startswith("run: preset smoke") and lines[1].startswith("plan: ")
+    assert lines[2].strip().startswith("exp1: 16 models in 2 groups, ~")
+    # a noisy machine may be slow once: a second try, and a ratio either way within 2x
+    for attempt in ("b", "c"):
+        estimate, wall = _estimate_and_wall(args, data_dir, tmp_path / attempt)
+        if 0.5 <= estimate / wall <= 2:
+            break
+    assert 0.5 <= estimate / wall <= 2, (estimate, wall)

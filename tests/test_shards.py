@@ -1,0 +1,273 @@
+"""One study over many processes: --shard I/N, --collect and --plan, the README's recipes
+(background processes, the GPUs of one box, a SLURM job array), and records that survive
+kills and corruption. Every sharded study is checked number for number against an
+unsharded run of the same settings."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import neural_collapse_cka as ncc
+from test_cli import NAME, ROOT, SCRIPT, cli, numbers_only
+
+SMOKE = ["--preset", "smoke"]
+# a longer smoke whose Exp 1 groups are pairs, so that a kill can land between groups
+SLOW = SMOKE + ["--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def reference_run(tmp_path_factory, data_dir, args):
+    out = tmp_path_factory.mktemp("unsharded")
+    result = cli(*args, "--out", str(out), data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    return numbers_only(json.loads((out / f"{NAME}.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def smoke_reference(tmp_path_factory, data_dir):
+    return reference_run(tmp_path_factory, data_dir, SMOKE)
+
+
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory, data_dir):
+    return reference_run(tmp_path_factory, data_dir, SLOW)
+
+
+def results_of(out):
+    return numbers_only(json.loads((out / f"{NAME}.json").read_text()))
+
+
+def readme_recipe(title, replacements):
+    """The README's code block that starts with '# Recipe: <title>', with each
+    (old, new) replaced; every `old` must be there, so the test follows the README."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```bash\n(# Recipe: .*?)```", readme, re.S)
+    (block,) = [b for b in blocks if b.startswith(f"# Recipe: {title}")]
+    for old, new in replacements:
+        assert old in block, f"the README recipe {title!r} no longer has {old!r}"
+        block = block.replace(old, new)
+    return block
+
+
+def run_recipe(script, timeout=600):
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def smoke_args(out, data_dir):
+    return f'ARGS="--out {out} --preset smoke --set DATA_DIR={data_dir}'
+
+
+def test_readme_background_recipe_three_concurrent_shards_equal_an_unsharded_run(
+        tmp_path, data_dir, smoke_reference):
+    out = tmp_path / "out"
+    script = readme_recipe("background processes", [
+        ("OUT=results", f"OUT={out}"), ('ARGS="--out $OUT', smoke_args("$OUT", data_dir)),
+        ("N=8", "N=3")])
+    result = run_recipe(script)
+    assert result.returncode == 0, result.stderr
+    for i in range(3):
+        log = open(f"{out}-shard{i}.log").read().strip().splitlines()
+        assert log[0].startswith(f"shard {i}/3:")
+        assert any(line.startswith("plan: ") for line in log)
+        assert "--collect" in log[-1] and "--shard" not in log[-1]
+    assert "collect:" in result.stdout and "wrote" in result.stdout
+    assert results_of(out) == smoke_reference
+    # the shards shared out the work: no model was trained twice
+    records = list((out / "records").glob("exp*/*.json"))
+    assert len(records) == 31
+
+
+def test_readme_gpu_box_recipe_two_shards(tmp_path, data_dir, smoke_reference):
+    out = tmp_path / "out"
+    script = readme_recipe("every GPU of one box", [
+        ("OUT=results", f"OUT={out}"), ('ARGS="--out $OUT', smoke_args("$OUT", data_dir)),
+        ("N=$(nvidia-smi -L | wc -l)", "N=2")])
+    result = run_recipe(script)
+    assert result.returncode == 0, result.stderr
+    assert results_of(out) == smoke_reference
+
+
+def _squeue_ids():
+    out = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True)
+    return set(out.stdout.split())
+
+
+def _slurm_reachable():
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _slurm_reachable(), reason="no SLURM here (sbatch not found, or no "
+                    "controller answers sinfo); .ci/run starts a single-node one")
+def test_readme_slurm_array_recipe_end_to_end(tmp_path, data_dir, smoke_reference):
+    out = tmp_path / "out"
+    script = readme_recipe("a SLURM job array", [
+        ("OUT=results", f"OUT={out}"), ('ARGS="--out $OUT', smoke_args("$OUT", data_dir)),
+        ("--array=0-15", "--array=0-2")])
+    result = run_recipe(script, timeout=60)
+    assert result.returncode == 0, result.stderr
+    collect_job = re.findall(r"\d+", result.stdout)[-1]
+    deadline = time.time() + 600
+    while time.time() < deadline and collect_job in _squeue_ids():
+        time.sleep(0.2)
+    state = subprocess.run(["scontrol", "show", "job", collect_job], capture_output=True,
+                           text=True).stdout
+    logs = "".join(p.read_text() for p in sorted(out.glob("slurm-*.log")))
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state + logs
+    assert len(list(out.glob("slurm-*_*.log"))) == 3  # one log per array task
+    assert results_of(out) == smoke_reference
+
+
+def test_collect_with_a_shard_not_run_names_it_and_writes_nothing(tmp_path, data_dir):
+    out = tmp_path / "out"
+    for i in (0, 1):
+        shard = cli(*SMOKE, "--out", str(out), "--shard", f"{i}/3", data_dir=data_dir)
+        assert shard.returncode == 0, shard.stderr
+    before = sorted(p.name for p in out.rglob("*"))
+    result = cli(*SMOKE, "--out", str(out), "--collect", data_dir=data_dir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    owned = [len(g) for (_, g), o in zip(*_split(SMOKE, 3)) if o == 2]
+    assert f"{sum(owned)} of 31 models" in lines[0] and "shard 2 of 3" in lines[0]
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing written
+
+
+def _split(args, count):
+    """(groups, owner of each) of the study `args` set up, as every shard computes it."""
+    saved = ncc.hyperparameters()
+    try:
+        ncc.apply_settings(ncc.PRESETS[args[1]])
+        groups = ncc.study_groups([1, 2, 3, 4], "cpu")
+        return groups, ncc.assign_shards([ncc.group_cost(g) for _, g in groups], count)
+    finally:
+        ncc.apply_settings(saved)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--shard", "3/3"], "--shard"), (["--shard=-1/2"], "--shard"), (["--shard", "1/0"], "--shard"),
+    (["--shard", "a/b"], "--shard"), (["--shard", "2"], "--shard"),
+    (["--shard", "0/2", "--collect"], "--collect"), (["--shard", "0/2", "--plot-only", "x.json"],
+                                                     "--plot-only"),
+    (["--collect", "--plan"], "--collect"), (["--plot-only", "x.json", "--collect"], "--plot-only"),
+])
+def test_bad_shard_values_and_combinations_are_one_line_exit_2(tmp_path, data_dir, args, named):
+    out = tmp_path / "out"
+    result = cli(*SMOKE, "--out", str(out), *args, data_dir=data_dir)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_plan_trains_and_writes_nothing_and_names_every_shard(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = cli(*SMOKE, "--out", str(out), "--plan", "--shard", "0/3", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("plan: 31 models in 6 groups")
+    assert any("critical path" in line for line in lines)
+    assert [line.split(":")[0].strip() for line in lines if "shard" in line
+            and line.strip().startswith("shard")] == ["shard 0/3", "shard 1/3", "shard 2/3"]
+    assert len([line for line in lines if "cost" in line and "exp" in line]) == 6
+    assert not out.exists() and "[exp" not in result.stdout
+
+
+def test_killed_shard_resumes_to_the_numbers_of_an_unsharded_run(tmp_path, data_dir,
+                                                                 slow_reference):
+    out = tmp_path / "out"
+    groups, owner = _split(SLOW[:2], 2)
+    cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *SLOW, "--out", str(out),
+           "--shard", "0/2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    records = out / "records"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(records.glob("exp*/*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the kill should land before the shard ends"
+    assert not (out / f"{NAME}.json").exists()
+    for shard in ("0/2", "1/2"):
+        result = cli(*SLOW, "--out", str(out), "--shard", shard, data_dir=data_dir)
+        assert result.returncode == 0, result.stderr
+    collect = cli(*SLOW, "--out", str(out), "--collect", data_dir=data_dir)
+    assert collect.returncode == 0, collect.stderr
+    assert collect.stdout.count("(cached)") == 31  # collect trains nothing
+    assert results_of(out) == slow_reference
+
+
+def test_corrupt_record_json_and_weights_are_warned_about_and_retrained(
+        tmp_path, data_dir, smoke_reference):
+    out = tmp_path / "out"
+    first = cli(*SMOKE, "--out", str(out), "--experiments", "1,3", data_dir=data_dir)
+    assert first.returncode == 0, first.stderr
+    json_path = next((out / "records" / "exp1").glob("*.json"))
+    json_path.write_text(json_path.read_text()[:50])                 # truncated JSON
+    weights_path = next((out / "records" / "exp3").glob("*.pt"))
+    weights_path.write_bytes(b"not a torch file" * 10)               # corrupt weights
+    again = cli(*SMOKE, "--out", str(out), "--experiments", "1,3", data_dir=data_dir)
+    assert again.returncode == 0, again.stderr
+    warnings = again.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: record ") for w in warnings)
+    assert json_path.name in warnings[0] and weights_path.stem in warnings[1]
+    assert "Traceback" not in again.stderr
+    # the CNN group of Exp 1 is read back; ResNet's (8 models) and Exp 3's (6) retrain
+    assert again.stdout.count("(cached)") == 8
+    results = results_of(out)
+    assert results["exp1"] == smoke_reference["exp1"]
+    assert results["exp3"] == smoke_reference["exp3"]
+
+
+def test_records_of_two_device_types_are_refused_by_collect(tmp_path, data_dir):
+    out = tmp_path / "out"
+    assert cli(*SMOKE, "--out", str(out), "--experiments", "3", data_dir=data_dir).returncode == 0
+    # the same records as if a CUDA shard had written them: the key names the device type
+    saved = ncc.hyperparameters()
+    try:
+        ncc.apply_settings(ncc.PRESETS["smoke"])
+        specs = ncc.generalized_nc_setup()["specs"]
+        cpu = ncc.ModelRuns("exp3", {"x_train": None}, str(out / "records"), None, "cpu")
+        cuda = ncc.ModelRuns("exp3", {"x_train": None}, str(out / "records"), None, "cuda")
+        for old, new in zip(map(cpu._paths, specs[:1]), map(cuda._paths, specs[:1])):
+            for a, b in zip(old, new):
+                shutil.copy(a, b)
+    finally:
+        ncc.apply_settings(saved)
+    result = cli(*SMOKE, "--out", str(out), "--experiments", "3", "--collect",
+                 data_dir=data_dir)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "cpu" in result.stderr and "cuda" in result.stderr
+
+
+@pytest.mark.parametrize("preset", ["quick", "full"])
+@pytest.mark.parametrize("count", [2, 3, 4, 8, 16, 64])
+def test_shard_split_is_balanced_within_the_bound(preset, count):
+    groups, owner = _split(["--preset", preset], count)
+    costs = [ncc.group_cost(g) for _, g in groups]
+    loads = [sum(c for c, o in zip(costs, owner) if o == k) for k in range(count)]
+    assert sorted(set(owner)) == list(range(min(count, len(groups))))
+    assert max(loads) <= max(1.15 * sum(costs) / count, max(costs))
+
+
+def test_assign_shards_improves_on_longest_first():
+    # longest first alone gives 3+2+2 | 3+2 = 7 | 5; the best split is 3+3 | 2+2+2
+    owner = ncc.assign_shards([3, 3, 2, 2, 2], 2)
+    loads = [sum(c for c, o in zip([3, 3, 2, 2, 2], owner) if o == k) for k in range(2)]
+    assert sorted(loads) == [6, 6]
+    assert ncc.assign_shards([5, 1, 1], 3) == [0, 1, 2]
+    assert ncc.assign_shards([4, 4], 1) == [0, 0]
