@@ -45,10 +45,15 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+_IMPORT_START = time.perf_counter()
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+# How long importing torch took here: a worker process pays it again when it starts, so it
+# is the unit of the fixed costs in the run-time estimate (`study_estimate`).
+IMPORT_SECONDS = max(time.perf_counter() - _IMPORT_START, 0.5)
 
 # ----------------------------------------------------------------------------------------
 # 1. Hyperparameters. Every value of SPEC sections 4 and 6; the `full` preset uses these.
@@ -2296,33 +2301,38 @@ def probe_step_seconds(group, device):
     return (time.time() - marks[0]) / 4
 
 
-ANALYSIS_SECONDS = 0.05   # per model analysis beyond its forward passes (NC, spectra)
-START_SECONDS = {"cpu": 3.0, "cuda": 6.0}  # data, worker start-up, figures; CUDA context
+# A model's analysis beyond its forward passes (NC metrics, per-layer NC, spectra and their
+# power-law fits): about this many times IMPORT_SECONDS, which scales with the machine.
+ANALYSIS_IMPORTS = 0.1
 
 
 def estimate_group_seconds(groups, device):
-    """Estimated seconds of each (experiment, group) on `device`: its training steps at the
-    probed step time, plus its models' analysis (two passes over the training set and
-    one over the test set, each input at a third of its share of a training step) and
-    the same for every checkpoint. Groups of the same models are probed once."""
+    """Estimated seconds of each (experiment, group) on `device`, and the one-off seconds
+    a process spends before its first step (first kernels, oneDNN's set-up): its training
+    steps at the probed step time, plus its models' analysis (two passes over the training
+    set and one over the test set, each input at a third of its share of a training step)
+    and the same for every checkpoint. Groups of the same models are probed once."""
     n_train, n_test = _dataset_sizes()
     steps = -(-n_train // BATCH_SIZE)
-    probed, seconds = {}, []
+    probed, seconds, first_use = {}, [], 0.0
     threads = 1 if worker_count(device.type) > 1 else torch.get_num_threads()
     with torch_threads(threads):
         for _, group in groups:
-            signature = tuple((s["arch"], s["width"], s.get("d"), s["optimizer"])
-                              for s in group)
+            signature = tuple((s["arch"], s["width"]) for s in group)
             if signature not in probed:
+                start = time.time()
                 probed[signature] = probe_step_seconds(group, device)
+                if len(probed) == 1:  # the first probe also pays the process's first use
+                    first_use = max(time.time() - start - 8 * probed[signature], 0.0)
             step = probed[signature]
             forward = step / 3 / len(group) / BATCH_SIZE  # one input through one model
-            analysis = (2 * n_train + n_test) * forward + ANALYSIS_SECONDS
-            checkpoint = (n_train + n_test) * forward + ANALYSIS_SECONDS
+            fixed = ANALYSIS_IMPORTS * IMPORT_SECONDS
+            analysis = (2 * n_train + n_test) * forward + fixed
+            checkpoint = (n_train + n_test) * forward + fixed
             seconds.append(group[0]["epochs"] * steps * step
                            + len(group) * (analysis + checkpoint
                                            * len(group[0].get("checkpoints", ()))))
-    return seconds
+    return seconds, first_use
 
 
 def schedule_seconds(seconds, workers):
@@ -2333,16 +2343,24 @@ def schedule_seconds(seconds, workers):
     return max(free)
 
 
-def study_estimate(groups, seconds, device):
+def study_estimate(groups, seconds, device, first_use):
     """{experiment: estimated wall seconds}: each experiment's groups, longest first by
-    cost as a run takes them, over this device's workers."""
+    cost as a run takes them, over this device's workers; an experiment that starts worker
+    processes pays their start-up (importing torch, then their first use of it)."""
     workers = worker_count(device.type)
     walls = {}
     for experiment in dict.fromkeys(name for name, _ in groups):
         mine = sorted(((group_cost(g), t) for (name, g), t in zip(groups, seconds)
                        if name == experiment), key=lambda pair: -pair[0])
-        walls[experiment] = schedule_seconds([t for _, t in mine], workers)
+        pool = workers > 1 and len(mine) > 1
+        walls[experiment] = (schedule_seconds([t for _, t in mine], workers)
+                             + (IMPORT_SECONDS + first_use if pool else 0.0))
     return walls
+
+
+# After the experiments: the figures (importing matplotlib, drawing two large figures) and
+# the end of the process take about this many times IMPORT_SECONDS.
+FINISH_IMPORTS = 3.0
 
 
 def _describe_group(group):
@@ -2360,14 +2378,14 @@ def plan_study(experiments, device, shard=None, detail=False, log=print):
     total), "experiments" (each experiment's estimated seconds)}."""
     probe_start = time.time()
     groups = study_groups(experiments, device.type)
-    seconds = estimate_group_seconds(groups, device)
+    seconds, first_use = estimate_group_seconds(groups, device)
     probe = time.time() - probe_start
     owner = (assign_shards([group_cost(g) for _, g in groups], shard[1])
              if shard else None)
     workers = worker_count(device.type)
-    start = START_SECONDS.get(device.type, START_SECONDS["cpu"])
-    walls = study_estimate(groups, seconds, device)
-    total = start + sum(walls.values())
+    finish = FINISH_IMPORTS * IMPORT_SECONDS
+    walls = study_estimate(groups, seconds, device, first_use)
+    total = sum(walls.values()) + finish
     models = sum(len(g) for _, g in groups)
     log(f"plan: {models} models in {len(groups)} groups on {device.type}, {workers} worker "
         f"process{'es' if workers > 1 else ''}; estimated {_duration(total)} on this machine "
@@ -2393,8 +2411,8 @@ def plan_study(experiments, device, shard=None, detail=False, log=print):
     shard_walls = []
     for k in range(count):
         mine = [(name, g) for (name, g), o in zip(groups, owner) if o == k]
-        wall = start + sum(study_estimate(
-            mine, [t for t, o in zip(seconds, owner) if o == k], device).values())
+        wall = sum(study_estimate(mine, [t for t, o in zip(seconds, owner) if o == k],
+                                  device, first_use).values())
         shard_walls.append(wall)
         cost = sum(c for c, o in zip(costs, owner) if o == k)
         if detail or k == index:
@@ -2406,7 +2424,7 @@ def plan_study(experiments, device, shard=None, detail=False, log=print):
     mine = [(name, g) for (name, g), o in zip(groups, owner) if o == index]
     return {**plan, "seconds": shard_walls[index],
             "experiments": study_estimate(mine, [t for t, o in zip(seconds, owner)
-                                                 if o == index], device)}
+                                                 if o == index], device, first_use)}
 
 
 def run_study(experiments, out_dir, device, preset, log=print, env=None, estimates=None):
