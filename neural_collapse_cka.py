@@ -52,11 +52,12 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 # How long importing torch took here: a worker process pays it again when it starts, so it
-# is the unit of the fixed costs in the run-time estimate (`study_estimate`).
-IMPORT_SECONDS = max(time.perf_counter() - _IMPORT_START, 0.5)
+# is the unit of the fixed costs in the run-time estimate (`study_estimate`). A fact about
+# this process, not a hyperparameter (names with a leading underscore are not).
+_IMPORT_SECONDS = max(time.perf_counter() - _IMPORT_START, 0.5)
 
 # ----------------------------------------------------------------------------------------
-# 1. Hyperparameters. Every value of SPEC sections 4 and 6; the `full` preset uses these.
+# 1. Hyperparameters: the study as published; the `full` preset uses these.
 # ----------------------------------------------------------------------------------------
 SEED = 42                      # root of every derived seed (data noise, inits, data order)
 LABEL_NOISE = 0.20             # fraction of training labels moved to a different class
@@ -130,7 +131,7 @@ PRESETS = {
 # Everything above is a hyperparameter that `--set` may override, except these facts.
 _FIXED = {"NUM_CLASSES", "PRESETS"}
 _HYPERPARAMETER_NAMES = [name for name, value in list(globals().items())
-                         if name.isupper() and name not in _FIXED
+                         if name.isupper() and not name.startswith("_") and name not in _FIXED
                          and isinstance(value, (bool, int, float, str, list, dict, type(None)))]
 
 
@@ -625,7 +626,7 @@ def esd_metrics(weight):
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Training: one routine for every model of every experiment (SPEC section 4)
+# 5. Training: one routine for every model of every experiment
 # ----------------------------------------------------------------------------------------
 def derive_seed(*parts):
     """The seed of one model, from (SEED, experiment, architecture, optimizer, width or d,
@@ -642,8 +643,8 @@ def resolve_device(name=None):
     if name not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda")
     if name == "cuda":
-        # cuDNN's fastest convolution algorithms are nondeterministic; SPEC section 9 asks
-        # for the same results from the same seed on the same device.
+        # cuDNN's fastest convolution algorithms are nondeterministic; a rerun must give
+        # the same results from the same seed on the same device.
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     return torch.device(name)
@@ -991,7 +992,7 @@ def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpo
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Experiments: the four drivers of SPEC section 6. Each finished model is saved as a
+# 6. Experiments: the four drivers. Each finished model is saved as a
 #    record (JSON, plus its weights) keyed by everything that determines it, so a rerun
 #    skips it; each driver returns a plain JSON-serialisable dict.
 # ----------------------------------------------------------------------------------------
@@ -1664,7 +1665,7 @@ CKA_CONV_MODES = ["pool", "flatten"]
 @torch.no_grad()
 def layer_representations(model, x, conv="pool"):
     """L0..L3 of `model` on inputs x as float64 arrays (n, features); conv activations
-    (n, C, L) are globally average-pooled over L ("pool", SPEC section 5) or flattened to
+    (n, C, L) are globally average-pooled over L ("pool", the default) or flattened to
     C*L features ("flatten")."""
     _check_choice("conv", conv, CKA_CONV_MODES)
     was_training = model.training
@@ -1797,7 +1798,7 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
 
 
 # ----------------------------------------------------------------------------------------
-# 7. The composite figure (SPEC section 7): a 3 x 4 grid drawn from a results dict alone.
+# 7. The composite figure: a 3 x 4 grid drawn from a results dict alone.
 # ----------------------------------------------------------------------------------------
 CONFIG_STYLE = {"ResNet_SGD": ("tab:blue", "o"), "ResNet_Adam": ("tab:cyan", "s"),
                 "CNN_SGD": ("tab:red", "^"), "CNN_Adam": ("tab:orange", "v")}
@@ -2111,7 +2112,7 @@ def plot_layers(results, path):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Command line (SPEC section 8)
+# 8. Command line
 # ----------------------------------------------------------------------------------------
 RESULTS_NAME = "neural_collapse_cka_results"
 LAYERS_NAME = "neural_collapse_layers"
@@ -2302,7 +2303,7 @@ def probe_step_seconds(group, device):
 
 
 # A model's analysis beyond its forward passes (NC metrics, per-layer NC, spectra and their
-# power-law fits): about this many times IMPORT_SECONDS, which scales with the machine.
+# power-law fits): about this many times _IMPORT_SECONDS, which scales with the machine.
 ANALYSIS_IMPORTS = 0.1
 
 
@@ -2326,7 +2327,7 @@ def estimate_group_seconds(groups, device):
                     first_use = max(time.time() - start - 8 * probed[signature], 0.0)
             step = probed[signature]
             forward = step / 3 / len(group) / BATCH_SIZE  # one input through one model
-            fixed = ANALYSIS_IMPORTS * IMPORT_SECONDS
+            fixed = ANALYSIS_IMPORTS * _IMPORT_SECONDS
             analysis = (2 * n_train + n_test) * forward + fixed
             checkpoint = (n_train + n_test) * forward + fixed
             seconds.append(group[0]["epochs"] * steps * step
@@ -2354,12 +2355,12 @@ def study_estimate(groups, seconds, device, first_use):
                        if name == experiment), key=lambda pair: -pair[0])
         pool = workers > 1 and len(mine) > 1
         walls[experiment] = (schedule_seconds([t for _, t in mine], workers)
-                             + (IMPORT_SECONDS + first_use if pool else 0.0))
+                             + (_IMPORT_SECONDS + first_use if pool else 0.0))
     return walls
 
 
 # After the experiments: the figures (importing matplotlib, drawing two large figures) and
-# the end of the process take about this many times IMPORT_SECONDS.
+# the end of the process take about this many times _IMPORT_SECONDS.
 FINISH_IMPORTS = 3.0
 
 
@@ -2383,7 +2384,7 @@ def plan_study(experiments, device, shard=None, detail=False, log=print):
     owner = (assign_shards([group_cost(g) for _, g in groups], shard[1])
              if shard else None)
     workers = worker_count(device.type)
-    finish = FINISH_IMPORTS * IMPORT_SECONDS
+    finish = FINISH_IMPORTS * _IMPORT_SECONDS
     walls = study_estimate(groups, seconds, device, first_use)
     total = sum(walls.values()) + finish
     models = sum(len(g) for _, g in groups)

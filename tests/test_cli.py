@@ -1,4 +1,4 @@
-"""The script as a user runs it: a subprocess with the smoke preset (SPEC sections 7-9)."""
+"""The script as a user runs it: a subprocess with the smoke preset."""
 import json
 import os
 import re
@@ -61,7 +61,7 @@ def test_smoke_run_writes_figure_and_results_with_the_spec_layout(smoke_run):
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
     # one progress line per model: 2 replicates of 8 + 2 + 3, and 5, in the smoke preset
     assert result.stdout.count(" done") == 31
-    # issue 5: replicates, NC in every layer, weight spectra, the CKA settings, 2nd figure
+    # replicates, NC in every layer, weight spectra, the CKA settings, the second figure
     assert (out / "neural_collapse_layers.png").read_bytes()[:8] == png[:8]
     series = results["exp1"]["CNN_SGD"]
     assert results["config"]["REPLICATES"] == 2 and series["replicate_count"] == 2

@@ -1,4 +1,4 @@
-"""Data (SPEC section 2) and models (SPEC section 3)."""
+"""Data and models."""
 import shutil
 import socket
 import warnings

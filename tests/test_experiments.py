@@ -1,4 +1,4 @@
-"""Training, drivers and records (SPEC sections 4, 6, 9), called as functions."""
+"""Training, drivers and records, called as functions."""
 import json
 
 import numpy as np

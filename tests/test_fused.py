@@ -49,7 +49,7 @@ def test_fused_equals_one_by_one_after_five_steps(arch, widths, dims, optimizer,
     # "mixed": SGD, Adam, SGD, ... in one group, each model's rows under its own optimizer
     # float64 shows the two are the same computation (they agree to ~1e-15); in float32
     # the grouped channels-last kernels and the fused Adam kernel round differently. The
-    # issue asks for 1e-5. Seen: 2e-7 for SGD everywhere; for Adam 1e-6 on an Intel Xeon,
+    # target is 1e-5. Seen: 2e-7 for SGD everywhere; for Adam 1e-6 on an Intel Xeon,
     # but 4e-5 on an AMD EPYC in the projector case, where at the fourth step a ReLU input
     # of 1.7e-8 lies on opposite sides of 0 in the two computations: the kink switches that
     # activation's gradient on in one and off in the other, and Adam, dividing by the

@@ -1,4 +1,4 @@
-"""NC1-NC4 and linear CKA (SPEC section 5), checked against definitions, closed forms and a
+"""NC1-NC4 and linear CKA, checked against definitions, closed forms and a
 naive implementation written here, never against their own output."""
 import warnings
 

@@ -1,4 +1,4 @@
-"""Issue 5's metrics: NC in intermediate layers, debiased CKA, and the power-law fit of weight
+"""The additions' metrics: NC in intermediate layers, debiased CKA, and the power-law fit of weight
 spectra, checked against closed forms, sampling theory and naive implementations written
 here."""
 

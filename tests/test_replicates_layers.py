@@ -1,4 +1,4 @@
-"""Issue 5 in the drivers: replicates, NC in every layer, weight spectra of trained models,
+"""The additions in the drivers: replicates, NC in every layer, weight spectra of trained models,
 and the CKA estimator and conv settings of Exp 4."""
 import json
 import os
