@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import SLOW_SMOKE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "neural_collapse_cka.py")
@@ -18,19 +19,6 @@ NAME = "neural_collapse_cka_results"
 def cli(*args, data_dir, timeout=300):
     return subprocess.run([sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("smoke")
-    result = cli("--preset", "smoke", "--out", str(out), data_dir=data_dir)
-    assert result.returncode == 0, result.stderr
-    return out, result
 
 
 def numbers_only(results):
@@ -152,14 +140,8 @@ def test_help_documents_every_flag(data_dir):
         assert flag in result.stdout
 
 
-def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir):
-    # Longer than plain smoke, so there is time to kill it half-way through Exp 1; a
-    # small CPU_GROUP_WIDTH fuses only the 2 replicates of each width and optimizer
-    # (smoke's default puts all 8 models of an architecture in one group).
-    args = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4"]
-    reference = cli(*args, "--out", str(tmp_path / "ref"), data_dir=data_dir)
-    assert reference.returncode == 0, reference.stderr
-
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir, slow_run):
+    args = SLOW_SMOKE
     out = tmp_path / "killed"
     cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -189,7 +171,7 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir):
     resumed = cli(*args, "--out", str(out), data_dir=data_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.count("(cached)") == group_size * (len(complete) - 1)
-    ref = json.loads((tmp_path / "ref" / f"{NAME}.json").read_text())
+    ref = json.loads((slow_run[0] / f"{NAME}.json").read_text())
     again = json.loads((out / f"{NAME}.json").read_text())
     assert numbers_only(again) == numbers_only(ref)
 

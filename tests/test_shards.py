@@ -14,33 +14,21 @@ import time
 import pytest
 
 import neural_collapse_cka as ncc
+from conftest import SLOW_SMOKE
 from test_cli import NAME, ROOT, SCRIPT, cli, numbers_only
 
 SMOKE = ["--preset", "smoke"]
-# a longer smoke whose Exp 1 groups are pairs, so that a kill can land between groups
-SLOW = SMOKE + ["--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4"]
+SLOW = SLOW_SMOKE
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
-def reference_run(tmp_path_factory, data_dir, args):
-    out = tmp_path_factory.mktemp("unsharded")
-    result = cli(*args, "--out", str(out), data_dir=data_dir)
-    assert result.returncode == 0, result.stderr
-    return numbers_only(json.loads((out / f"{NAME}.json").read_text()))
+def smoke_reference(smoke_run):
+    return results_of(smoke_run[0])
 
 
 @pytest.fixture(scope="module")
-def smoke_reference(tmp_path_factory, data_dir):
-    return reference_run(tmp_path_factory, data_dir, SMOKE)
-
-
-@pytest.fixture(scope="module")
-def slow_reference(tmp_path_factory, data_dir):
-    return reference_run(tmp_path_factory, data_dir, SLOW)
+def slow_reference(slow_run):
+    return results_of(slow_run[0])
 
 
 def results_of(out):
