@@ -2409,18 +2409,18 @@ def plan_study(experiments, device, shard=None, detail=False, log=print):
     index, count = shard
     costs = [group_cost(g) for _, g in groups]
     ideal = sum(costs) / count
-    shard_walls = []
+    shard_walls, shard_costs = [], []
     for k in range(count):
         mine = [(name, g) for (name, g), o in zip(groups, owner) if o == k]
         wall = sum(study_estimate(mine, [t for t, o in zip(seconds, owner) if o == k],
                                   device, first_use).values())
         shard_walls.append(wall)
-        cost = sum(c for c, o in zip(costs, owner) if o == k)
+        shard_costs.append(sum(c for c, o in zip(costs, owner) if o == k))
         if detail or k == index:
             log(f"  shard {k}/{count}: {sum(map(len, (g for _, g in mine)))} models in "
-                f"{len(mine)} groups, cost {cost / ideal:.2f} x total/N, "
+                f"{len(mine)} groups, cost {shard_costs[k] / ideal:.2f} x total/N, "
                 f"~{_duration(wall)}" + (" (this one)" if k == index and not detail else ""))
-    log(f"  largest shard: cost {max(sum(c for c, o in zip(costs, owner) if o == k) for k in range(count)) / ideal:.2f} x total/N, "
+    log(f"  largest shard: cost {max(shard_costs) / ideal:.2f} x total/N, "
         f"~{_duration(max(shard_walls))}")
     mine = [(name, g) for (name, g), o in zip(groups, owner) if o == index]
     return {**plan, "seconds": shard_walls[index],
