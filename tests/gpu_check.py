@@ -33,10 +33,17 @@ EPOCHS = {1: "EPOCHS_MODEL_WISE", 2: "EPOCHS_EPOCH_WISE", 3: "EPOCHS_GEN_NC", 4:
 
 
 def run(cmd, timeout=600, **kwargs):
-    """(seconds, completed process) of `cmd` run from the repository root."""
+    """(seconds, completed process) of `cmd` run from the repository root; a command that
+    runs past `timeout` counts as failed (return code 124), and the check goes on."""
     start = time.time()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as e:
+        done = subprocess.CompletedProcess(cmd, 124, e.stdout or "", e.stderr or "")
+        done.stdout = done.stdout if isinstance(done.stdout, str) else done.stdout.decode()
+        done.stderr = (done.stderr if isinstance(done.stderr, str) else done.stderr.decode())
+        done.stderr += f"\ntimed out after {timeout} s"
     return time.time() - start, done
 
 
