@@ -1436,7 +1436,7 @@ def _left(experiment, seconds):
         return ""
     text = f"{experiment} ~{_duration(seconds)} left"
     later = [e for e in _RUN["estimates"] if e not in _RUN["taken"] and e != experiment]
-    if later:
+    if _RUN["estimates"]:  # a command-line run: the whole run's time left too
         finished = [e for e in _RUN["taken"] if e in _RUN["estimates"]]
         estimated = sum(_RUN["estimates"][e] for e in finished)
         pace = sum(_RUN["taken"][e] for e in finished) / estimated if estimated else 1.0

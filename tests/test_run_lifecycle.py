@@ -75,7 +75,7 @@ def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_
 
 
 PROGRESS = re.compile(r"^\[exp1\] (ResNet|CNN) .*\(\d+ models\): epoch (\d+) of 40; "
-                      r"exp1 ~\d+(s|m\d\ds) left$")
+                      r"exp1 ~\d+(s|m\d\ds) left, run ~\d+(s|m\d\ds) left$")
 
 
 @pytest.mark.parametrize("workers", ["0", "1"])  # in worker processes, and in this one
