@@ -152,7 +152,7 @@ def test_band_spans_min_to_max_and_is_skipped_for_one_replicate():
     plt.close(fig)
 
 
-def test_both_figures_draw_from_results_without_issue_5_keys(tmp_path):
+def test_both_figures_draw_from_results_without_the_additions_keys(tmp_path):
     """A results file written before replicates, per-layer NC and spectra existed (the
     committed full-scale Exp 3 run) still redraws; the missing panels say "not run"."""
     with open(os.path.join(os.path.dirname(__file__), "..", "docs", "full_exp3_h100.json")) as f:

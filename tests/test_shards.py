@@ -52,18 +52,22 @@ def run_recipe(script, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def smoke_args(out, data_dir):
-    return f'ARGS="--out {out} --preset smoke --set DATA_DIR={data_dir}'
+def run_smoke_recipe(title, out, data_dir, replacement, timeout=600):
+    """Run the README's recipe `title` on the smoke preset into `out`, with one more
+    (old, new) replacement (the shard count); it must succeed."""
+    script = readme_recipe(title, [
+        ("OUT=results", f"OUT={out}"),
+        ('ARGS="--out $OUT', f'ARGS="--out $OUT --preset smoke --set DATA_DIR={data_dir}'),
+        replacement])
+    result = run_recipe(script, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return result
 
 
 def test_readme_background_recipe_three_concurrent_shards_equal_an_unsharded_run(
         tmp_path, data_dir, smoke_reference):
     out = tmp_path / "out"
-    script = readme_recipe("background processes", [
-        ("OUT=results", f"OUT={out}"), ('ARGS="--out $OUT', smoke_args("$OUT", data_dir)),
-        ("N=8", "N=3")])
-    result = run_recipe(script)
-    assert result.returncode == 0, result.stderr
+    result = run_smoke_recipe("background processes", out, data_dir, ("N=8", "N=3"))
     for i in range(3):
         log = open(f"{out}-shard{i}.log").read().strip().splitlines()
         assert log[0].startswith(f"shard {i}/3:")
@@ -78,11 +82,7 @@ def test_readme_background_recipe_three_concurrent_shards_equal_an_unsharded_run
 
 def test_readme_gpu_box_recipe_two_shards(tmp_path, data_dir, smoke_reference):
     out = tmp_path / "out"
-    script = readme_recipe("every GPU of one box", [
-        ("OUT=results", f"OUT={out}"), ('ARGS="--out $OUT', smoke_args("$OUT", data_dir)),
-        ("N=$(nvidia-smi -L | wc -l)", "N=2")])
-    result = run_recipe(script)
-    assert result.returncode == 0, result.stderr
+    run_smoke_recipe("every GPU of one box", out, data_dir, ("N=$(nvidia-smi -L | wc -l)", "N=2"))
     assert results_of(out) == smoke_reference
 
 
@@ -101,11 +101,8 @@ def _slurm_reachable():
                     "controller answers sinfo); .ci/run starts a single-node one")
 def test_readme_slurm_array_recipe_end_to_end(tmp_path, data_dir, smoke_reference):
     out = tmp_path / "out"
-    script = readme_recipe("a SLURM job array", [
-        ("OUT=results", f"OUT={out}"), ('ARGS="--out $OUT', smoke_args("$OUT", data_dir)),
-        ("--array=0-15", "--array=0-2")])
-    result = run_recipe(script, timeout=60)
-    assert result.returncode == 0, result.stderr
+    result = run_smoke_recipe("a SLURM job array", out, data_dir, ("--array=0-15", "--array=0-2"),
+                              timeout=60)
     collect_job = re.findall(r"\d+", result.stdout)[-1]
     deadline = time.time() + 600
     while time.time() < deadline and collect_job in _squeue_ids():
