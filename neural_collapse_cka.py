@@ -1154,7 +1154,7 @@ class ModelRuns:
         self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
         # the device type in record keys: `device_type`, else a collect's, else the data's
         self.device_type = device_type or _COLLECT_FROM or data["x_train"].device.type
-        self.count, self.total_cost, self.done_cost, self.trained_cost = 0, 0, 0, 0
+        self.count, self.trained_cost = 0, 0
         self.train_start, self.todo_cost, self.finished, self.last_progress = None, 0, set(), 0.0
         self.partial_cost = 0  # work done in groups that workers are still training
 
@@ -1216,7 +1216,6 @@ class ModelRuns:
         partly saved is trained again whole (fused models round differently in another
         group, see FusedModels)."""
         index = {self.key(spec): i for i, spec in enumerate(specs)}
-        self.total_cost = sum(map(model_cost, specs))
         done, todo = {}, []
         for group in self.groups(specs):
             loaded = [self.load(spec, keep_models) for spec in group]
@@ -1361,7 +1360,6 @@ class ModelRuns:
 
     def _report(self, spec, record, cached):
         self.count += 1
-        self.done_cost += model_cost(spec)
         if self.log is None:
             return
         eta = ""
