@@ -43,9 +43,14 @@ def dtype(request):
     torch.set_default_dtype(previous)
 
 
+@pytest.mark.parametrize("layout_of", ["cpu", "cuda"])
 @pytest.mark.parametrize("optimizer", ["SGD", "Adam", "mixed"])
 @pytest.mark.parametrize("arch, widths, dims", CASES)
-def test_fused_equals_one_by_one_after_five_steps(arch, widths, dims, optimizer, dtype):
+def test_fused_equals_one_by_one_after_five_steps(arch, widths, dims, optimizer, dtype,
+                                                  layout_of, monkeypatch):
+    # layout_of="cuda" runs the fused models here in the activation layout they use on a GPU
+    layout = ncc.activation_layout(layout_of)
+    monkeypatch.setattr(ncc, "activation_layout", lambda device_type: layout)
     # "mixed": SGD, Adam, SGD, ... in one group, each model's rows under its own optimizer
     # float64 shows the two are the same computation (they agree to ~1e-15); in float32
     # the grouped channels-last kernels and the fused Adam kernel round differently. The
@@ -207,6 +212,7 @@ def test_captured_lr_swaps_in_sgd_rate_tensors_and_restores_the_floats():
     fused = ncc.FusedModels(models)
     optimizers = ncc.RowOptimizers(fused, ["SGD", "Adam"], 10)
     (sgd, _, _, _), (adam, _, _, _) = optimizers.parts
+    assert sgd.defaults["fused"] and adam.defaults["fused"]  # the kernels a GPU runs
     with optimizers.captured_lr():
         assert isinstance(sgd.param_groups[0]["lr"], torch.Tensor)
         assert adam.param_groups[0]["capturable"]
