@@ -1329,14 +1329,21 @@ class ModelRuns:
         models = [make_model(s["arch"], s["width"], seed, s.get("d"))
                   for s, seed in zip(group, seeds)]
         measured = [[] for _ in group]
+        measuring = [0.0] * len(group)
+
+        def on_checkpoint(g, model, epoch):
+            started = time.time()
+            measured[g].append(measure(group[g], model, epoch, self.data))
+            measuring[g] += time.time() - started
+
         trained = train_models(
             models, self.data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
-            group[0].get("checkpoints", ()),
-            lambda g, m, e: measured[g].append(measure(group[g], m, e, self.data)),
-            on_epoch)
-        seconds = (time.time() - start) / len(group)  # wall time shared by a fused group
+            group[0].get("checkpoints", ()), on_checkpoint, on_epoch)
+        # wall time shared by a fused group, its checkpoint measures included
+        seconds = (time.time() - start) / len(group)
         fitted = []
-        for spec, seed, model, fit, curve in zip(group, seeds, models, trained, measured):
+        for spec, seed, model, fit, curve, checkpoint_seconds in zip(
+                group, seeds, models, trained, measured, measuring):
             if fit["diverged"]:
                 nan_nc = dict.fromkeys(NC_NAMES, float("nan"))
                 scores = {"train_err": float("nan"), "test_err": float("nan"),
@@ -1351,6 +1358,7 @@ class ModelRuns:
                 scores = analyse_model(model, self.data)
             fitted.append(({**spec, "seed": seed, "params": count_parameters(model), **fit,
                             **scores, "checkpoints": curve, "seconds": seconds,
+                            "checkpoint_seconds": checkpoint_seconds,
                             "trained_with": len(group), "device": self.device_type},
                            model.eval()))
         return fitted

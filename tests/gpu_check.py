@@ -1,20 +1,24 @@
-"""One command that proves the GPU path (not part of the pytest run; about 8 minutes on one
-H100 or H200 at the default sizes, by an estimate from earlier H100 timings; not yet run on
-a GPU):
+"""One command that proves the GPU path on one GPU, within a time budget (not part of the
+pytest run; not yet run on a GPU):
 
-    python tests/gpu_check.py OUT_DIR [--fraction 0.01] [--benchmark-epochs 10]
+    python tests/gpu_check.py OUT_DIR [--budget 480] [--fraction 0.005] [--benchmark-epochs 10]
 
+In this order, each check started only while the budget (seconds) lasts:
 1. the CUDA tests of tests/test_fused.py (CUDA graphs against eager epochs);
-2. tests/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
+2. each experiment of `full` at `--fraction` of its epochs, eager and with CUDA graphs;
+   from these, `full`'s wall time extrapolated: the training time read from the runs'
+   records scales with the epochs, the checkpoint measures with their number, and the
+   rest (analysis, start-up) stays as it was;
 3. a smoke run killed with SIGKILL after its first record and rerun, against an
    uninterrupted one: the same numbers;
-4. each experiment of `full` at `--fraction` of its epochs, eager and with CUDA graphs,
-   and Exp 1 at that fraction as 1, 2 and 4 concurrent shard processes on the one GPU;
-   from these, `full`'s wall time extrapolated (training time scales with the epochs).
+4. tests/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
+5. Exp 1 at `--fraction` of its epochs as 1, 2 and 4 concurrent shard processes on the
+   one GPU.
 
-It prints one summary table and writes it, with every command and its output's tail, to
-OUT_DIR/gpu_check.json. Without CUDA it exits 2 with one line. `--device cpu` runs the same
-steps on the CPU, to check this script itself at tiny sizes.
+It prints one summary table and writes it, with each command's output's tail, to
+OUT_DIR/gpu_check.json (rewritten after every check). Without CUDA it exits 2 with one
+line. `--device cpu --preset smoke --fraction 0.5` runs the same steps on a CPU, to check
+this script itself (13 min on a 2-core AMD EPYC that was also running another job).
 """
 import argparse
 import json
@@ -32,10 +36,19 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 EPOCHS = {1: "EPOCHS_MODEL_WISE", 2: "EPOCHS_EPOCH_WISE", 3: "EPOCHS_GEN_NC", 4: "EPOCHS_CKA"}
 
 
-def run(cmd, timeout=600, **kwargs):
+DEADLINE = float("inf")  # time.time() by which every command must end (main's --budget)
+
+
+def time_left():
+    return max(DEADLINE - time.time(), 1.0)
+
+
+def run(cmd, **kwargs):
     """(seconds, completed process) of `cmd` run from the repository root; a command that
-    runs past `timeout` counts as failed (return code 124), and the check goes on."""
+    runs past the budget's deadline counts as failed (return code 124), and the check goes
+    on."""
     start = time.time()
+    timeout = time_left()
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                               timeout=timeout, **kwargs)
@@ -51,20 +64,25 @@ def tail(text, lines=15):
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+PRESET = "full"  # the study whose epochs the timed runs scale (main's --preset)
+
+
 def study(out, device, *args):
-    return [sys.executable, SCRIPT, "--device", device, "--out", out, *args]
+    preset = [] if "--preset" in args else ["--preset", PRESET]
+    return [sys.executable, SCRIPT, "--device", device, "--out", out, *preset, *args]
 
 
 def check_cuda_tests(report, device):
     seconds, done = run([sys.executable, "-m", "pytest", "-q", "tests/test_fused.py", "-k",
-                         "cuda or graph"])
+                         "graph or captured_lr"])
     report["cuda_tests"] = {"ok": done.returncode == 0, "seconds": seconds,
                             "output": tail(done.stdout)}
 
 
 def check_benchmark(report, device, epochs):
+    import neural_collapse_cka as ncc
     seconds, done = run([sys.executable, "tests/benchmark.py", "--device", device,
-                         "--epochs", str(epochs)])
+                         "--epochs", str(epochs), "--widths", ",".join(map(str, ncc.WIDTHS))])
     report["benchmark"] = {"ok": done.returncode == 0, "seconds": seconds,
                            "output": tail(done.stdout + done.stderr)}
 
@@ -77,7 +95,7 @@ def check_kill_and_resume(report, device, out):
     proc = subprocess.Popen(study(killed, device, *args), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = os.path.join(killed, "records", "exp1")
-    deadline = time.time() + 300
+    deadline = time.time() + min(300, time_left())
     while time.time() < deadline and proc.poll() is None:
         if os.path.isdir(records) and any(f.endswith(".json") for f in os.listdir(records)):
             break
@@ -93,23 +111,43 @@ def check_kill_and_resume(report, device, out):
                                  "output": tail(resumed.stdout + resumed.stderr)}
 
 
+def extrapolate(number, folder, wall, scale):
+    """Seconds of `full`'s Exp `number` from a run of it at 1/scale of its epochs that took
+    `wall` seconds: its training time (from its records: each model's share of its group's
+    wall time, less its checkpoint measures) times `scale`, its checkpoint measures at
+    their mean time times `full`'s number of checkpoints, and the rest (analysis, start-up)
+    as it was. Groups are taken to run one after another, as they do on a GPU."""
+    import glob
+    import neural_collapse_cka as ncc
+    records = [json.load(open(path))
+               for path in glob.glob(os.path.join(folder, "records", f"exp{number}", "*.json"))]
+    measuring = sum(r.get("checkpoint_seconds", 0.0) for r in records)
+    training = sum(r["seconds"] for r in records) - measuring
+    measured = sum(len(r["checkpoints"]) for r in records)
+    full_checkpoints = sum(len(s.get("checkpoints", ())) for s in ncc.SETUPS[number]()["specs"])
+    per_checkpoint = measuring / measured if measured else 0.0
+    return (max(wall - training - measuring, 0.0) + training * scale
+            + per_checkpoint * full_checkpoints)
+
+
 def check_full_fraction(report, device, out, fraction):
     import neural_collapse_cka as ncc
     rows = {}
     for number, name in EPOCHS.items():
-        epochs = max(1, round(getattr(ncc, name) * fraction))
+        full_epochs = getattr(ncc, name)
+        epochs = max(1, round(full_epochs * fraction))
         for graphs in (False, True):
             folder = f"{out}/full_exp{number}_{'graphs' if graphs else 'eager'}"
             seconds, done = run(study(folder, device, "--experiments", str(number), "--set",
                                       f"{name}={epochs}", "--set", f"CUDA_GRAPHS={graphs}"))
-            wall = None
+            wall = estimate = None
             if done.returncode == 0:
                 wall = json.load(open(os.path.join(folder, RESULTS)))["env"]["wall_seconds"]
                 wall = wall[f"exp{number}"]
+                estimate = extrapolate(number, folder, wall, full_epochs / epochs)
             rows[f"exp{number} {'graphs' if graphs else 'eager'}"] = {
                 "ok": done.returncode == 0, "epochs": epochs, "wall": wall,
-                "full_estimate": wall / fraction if wall is not None else None,
-                "output": tail(done.stdout + done.stderr, 5)}
+                "full_estimate": estimate, "output": tail(done.stdout + done.stderr, 5)}
     report["full_fraction"] = rows
     for mode in ("eager", "graphs"):
         walls = [rows[f"exp{n} {mode}"]["full_estimate"] for n in EPOCHS]
@@ -128,7 +166,13 @@ def check_shards(report, device, out, fraction):
                                   cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
                  for i in range(count)]
-        codes = [p.wait() for p in procs]
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=time_left()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(124)
         wall = time.time() - start
         _, collect = run(study(folder, device, *args, "--collect"))
         rows[str(count)] = {"ok": not any(codes) and collect.returncode == 0,
@@ -138,21 +182,28 @@ def check_shards(report, device, out, fraction):
 
 def summary(report):
     lines = [f"{'check':<28} {'ok':<4} result"]
+    for key in report.get("skipped", []):
+        lines.append(f"{key:<28} {'-':<4} skipped: the budget was spent")
     for key in ("cuda_tests", "benchmark", "kill_and_resume"):
-        item = report.get(key, {})
+        if key not in report:
+            continue
+        item = report[key]
         last = item.get("output", "").splitlines()[-1:] or [""]
         lines.append(f"{key:<28} {str(item.get('ok')):<4} {last[0][:70]}")
     for key, row in report.get("full_fraction", {}).items():
-        wall = "failed" if row["wall"] is None else (
+        failed = "out of budget" if "timed out after" in row["output"] else "failed"
+        wall = failed if row["wall"] is None else (
             f"{row['wall']:.1f} s at {row['epochs']} epochs -> full {row['full_estimate']:.0f} s")
         lines.append(f"{key:<28} {str(row['ok']):<4} {wall}")
-    for mode in ("eager", "graphs"):
+    for mode in ("eager", "graphs") if "full_fraction" in report else ():
         value = report.get(f"full_{mode}_estimate")
         lines.append(f"{'full, ' + mode + ', extrapolated':<28} {'':<4} "
                      + ("-" if value is None else f"{value / 60:.1f} min"))
-    for count, row in report.get("exp1_shards", {}).items():
+    shards = report.get("exp1_shards", {})
+    for count, row in shards.items():
         lines.append(f"{'exp1 as ' + count + ' shard(s)':<28} {str(row['ok']):<4} "
-                     f"{row['wall']:.1f} s at {row['epochs']} epochs")
+                     f"{row['wall']:.1f} s at {row['epochs']} epochs, "
+                     f"{shards['1']['wall'] / row['wall']:.2f}x one process")
     return "\n".join(lines)
 
 
@@ -160,36 +211,69 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="folder for gpu_check.json and the runs' outputs")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--fraction", type=float, default=0.01,
-                   help="fraction of each experiment's epochs in the timed runs (default 0.01)")
+    p.add_argument("--fraction", type=float, default=0.005,
+                   help="fraction of each experiment's epochs in the timed runs")
+    p.add_argument("--budget", type=float, default=480,
+                   help="seconds: no check starts after them, and commands end by them")
     p.add_argument("--benchmark-epochs", type=int, default=10)
+    p.add_argument("--preset", default="full", choices=["full", "quick", "smoke"],
+                   help="the study to time (default full; smoke checks this script quickly)")
     args = p.parse_args()
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check.py: error: CUDA is not available here; run it on a GPU machine "
               "(or --device cpu to check this script at tiny sizes)", file=sys.stderr)
         return 2
+    if not args.budget > 0:
+        print(f"gpu_check.py: error: --budget {args.budget} is not a positive number of "
+              "seconds", file=sys.stderr)
+        return 2
     if not 0 < args.fraction <= 1:
         print(f"gpu_check.py: error: --fraction {args.fraction} is not in (0, 1]",
               file=sys.stderr)
         return 2
+    global PRESET
+    PRESET = args.preset
+    import neural_collapse_cka as ncc
+    ncc.apply_settings(ncc.PRESETS[PRESET])  # so its epochs and checkpoints are read here
     os.makedirs(args.out, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    report = {"device": name, "torch": torch.__version__, "fraction": args.fraction,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    report = {"device": name, "torch": torch.__version__, "preset": PRESET,
+              "fraction": args.fraction, "budget": args.budget,
+              "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "skipped": []}
     start = time.time()
-    check_cuda_tests(report, args.device)
-    check_benchmark(report, args.device, args.benchmark_epochs)
-    check_kill_and_resume(report, args.device, args.out)
-    check_full_fraction(report, args.device, args.out, args.fraction)
-    check_shards(report, args.device, args.out, args.fraction)
-    report["seconds"] = time.time() - start
-    report["summary"] = summary(report)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    global DEADLINE
+    DEADLINE = start + args.budget
+    # most telling first: a check that would start after the budget is spent is skipped,
+    # and the report is rewritten after each check, so a run cut short still leaves one
+    checks = [("cuda_tests", lambda: check_cuda_tests(report, args.device)),
+              ("full_fraction", lambda: check_full_fraction(report, args.device, args.out,
+                                                            args.fraction)),
+              ("kill_and_resume", lambda: check_kill_and_resume(report, args.device,
+                                                                args.out)),
+              ("benchmark", lambda: check_benchmark(report, args.device,
+                                                    args.benchmark_epochs)),
+              ("exp1_shards", lambda: check_shards(report, args.device, args.out,
+                                                   args.fraction))]
+    for key, check in checks:
+        if time.time() >= DEADLINE:
+            report["skipped"].append(key)
+        else:
+            check()
+        report["seconds"] = time.time() - start
+        report["summary"] = summary(report)
+        write_atomic_json(os.path.join(args.out, "gpu_check.json"), report)
+        print(f"[{report['seconds']:.0f} s] {key}: "
+              + ("skipped (budget spent)" if key in report["skipped"] else "done"), flush=True)
     print(f"{name}, torch {torch.__version__}, {report['seconds']:.0f} s in all")
     print(report["summary"])
     return 0
+
+
+def write_atomic_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

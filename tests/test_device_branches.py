@@ -2,8 +2,8 @@
 models train together, how many worker processes train them, and the optimizers' fused
 kernels with the tensor-valued learning rate that a CUDA graph reads. (The activation
 layout of each device is checked in tests/test_fused.py, CUDA graph bookkeeping there too;
-what truly needs a GPU is run by tests/gpu_check.py.)"""
-import itertools
+the CPU's grouping in tests/test_experiments.py; what truly needs a GPU is run by
+tests/gpu_check.py.)"""
 import os
 
 import pytest
@@ -41,29 +41,6 @@ def test_on_a_gpu_every_width_of_one_architecture_and_optimizer_is_one_group(num
         assert all(sorted(s["width"] for s in g) == sorted(ncc.WIDTHS) for g in groups)
 
 
-@pytest.mark.parametrize("number", [1, 2, 3, 4])
-def test_on_a_cpu_groups_mix_optimizers_and_stay_within_the_width_budget(number):
-    specs = all_specs()[number]
-    groups = ncc.fused_groups(specs, "cpu")
-    assert sorted(map(repr, itertools.chain(*groups))) == sorted(map(repr, specs))
-    for group in groups:
-        assert len({same_training(s) for s in group}) == 1
-        widest = max(s["width"] for s in group)
-        pair = len(group) == 2 and group[0]["width"] == group[1]["width"]
-        assert pair or len(group) == 1 or len(group) * widest <= ncc.CPU_GROUP_WIDTH
-        names = [s["optimizer"] for s in group]
-        assert names == sorted(names)  # one optimizer per run of rows (RowOptimizers)
-    if number == 1:  # models of both optimizers share groups, which a GPU never does
-        assert any(len({s["optimizer"] for s in g}) == 2 for g in groups)
-
-
-def test_without_fusing_every_model_is_its_own_group_on_either_device(monkeypatch):
-    monkeypatch.setattr(ncc, "FUSED", False)
-    specs = all_specs()[1]
-    for device_type in ("cpu", "cuda"):
-        assert ncc.fused_groups(specs, device_type) == [[s] for s in specs]
-
-
 def test_a_gpu_trains_in_one_process_whatever_workers_says(monkeypatch):
     cores = len(os.sched_getaffinity(0))
     monkeypatch.setattr(ncc, "WORKERS", 0)
@@ -72,13 +49,6 @@ def test_a_gpu_trains_in_one_process_whatever_workers_says(monkeypatch):
     monkeypatch.setattr(ncc, "WORKERS", 3)
     assert ncc.worker_count("cuda") == 1
     assert ncc.worker_count("cpu") == 3
-
-
-def test_study_groups_and_shards_follow_the_device_type():
-    gpu = ncc.study_groups([1, 2, 3, 4], "cuda")
-    cpu = ncc.study_groups([1, 2, 3, 4], "cpu")
-    assert len(gpu) < len(cpu)
-    assert sum(len(g) for _, g in gpu) == sum(len(g) for _, g in cpu)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam"])

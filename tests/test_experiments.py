@@ -85,8 +85,10 @@ def test_exp2_exp3_exp4_drivers_alone(tiny):
     assert len(exp2["large"]["nc1"]) == 5
     exp3 = ncc.run_generalized_nc(epochs=1, dims=[2, 9], width=3, log=None)
     assert exp3["d"] == [2, 9] and len(exp3["nc2"]) == 2
+    records = tiny / "records"
     exp4 = ncc.run_cka_experiment(epochs=3, small_width=2, large_width=3, width=2,
-                                  seeds=[1, 2, 3], drift_epochs=[1, 3, 50], log=None)
+                                  seeds=[1, 2, 3], drift_epochs=[1, 3, 50], log=None,
+                                  records_dir=str(records))
     assert exp4["layers"] == ["L0", "L1", "L2", "L3"]
     assert np.array(exp4["cross_arch"]).shape == (4, 4)
     assert exp4["epochs"] == [1, 3]  # drift epochs past the run are dropped
@@ -94,6 +96,14 @@ def test_exp2_exp3_exp4_drivers_alone(tiny):
     assert exp4["seed_pairs"] == [[1, 2], [1, 3], [2, 3]]
     assert all(len(v) == 3 and all(0 <= c <= 1 for c in v) for v in exp4["cross_seed"].values())
     json.dumps([exp2, exp3, exp4])
+    # records time the checkpoint measures (4B's drift) apart from the training
+    saved = [json.loads(p.read_text()) for p in (records / "exp4").glob("*.json")]
+    assert len(saved) == 5 and sum(bool(r["checkpoints"]) for r in saved) == 1
+    for record in saved:
+        if record["checkpoints"]:
+            assert 0 < record["checkpoint_seconds"] < record["seconds"]
+        else:
+            assert record["checkpoint_seconds"] == 0
 
 
 def test_negative_epochs_or_empty_widths_are_refused(tiny):
