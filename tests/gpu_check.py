@@ -11,8 +11,10 @@ In this order, each check started only while the budget (seconds) lasts:
    rest (analysis, start-up) stays as it was;
 3. a smoke run killed with SIGKILL after its first record and rerun, against an
    uninterrupted one: the same numbers;
-4. tests/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
-5. Exp 1 at `--fraction` of its epochs as 1, 2 and 4 concurrent shard processes on the
+4. an epoch of each of Exp 1's fused groups with the activations in PyTorch's default
+   layout and in channels-last (the CPU's);
+5. tests/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
+6. Exp 1 at `--fraction` of its epochs as 1, 2 and 4 concurrent shard processes on the
    one GPU.
 
 It prints one summary table and writes it, with each command's output's tail, to
@@ -180,11 +182,45 @@ def check_shards(report, device, out, fraction):
     report["exp1_shards"] = rows
 
 
+def check_layouts(report, device, epochs=3):
+    """Seconds per epoch of Exp 1's fused groups (random inputs of the training set's
+    size) with the activations in each memory layout: whether the CPU's channels-last
+    layout could serve a GPU too (one code path), or costs there."""
+    import torch
+    import neural_collapse_cka as ncc
+    dev = ncc.resolve_device(device)
+    n = 4000 if ncc.TRAIN_SUBSET is None else ncc.TRAIN_SUBSET
+    data = {"x_train": torch.randn(n, 40, device=dev),
+            "y_train": torch.randint(0, ncc.NUM_CLASSES, (n,), device=dev)}
+    groups = ncc.fused_groups(ncc.SETUPS[1]()["specs"], dev.type)
+    chosen, rows = ncc.activation_layout, {}
+    try:
+        for name, layout in (("default", torch.contiguous_format),
+                             ("channels_last", torch.channels_last)):
+            ncc.activation_layout = lambda device_type, layout=layout: layout
+            seconds = 0.0
+            for group in groups:
+                models = [ncc.make_model(s["arch"], s["width"], 0) for s in group]
+                names, seeds = [s["optimizer"] for s in group], list(range(len(group)))
+                ncc.train_models(models, data, names, 1, seeds)  # first use of each kernel
+                start = time.time()
+                ncc.train_models(models, data, names, epochs, seeds)
+                seconds += (time.time() - start) / epochs
+            rows[name] = seconds
+    finally:
+        ncc.activation_layout = chosen
+    report["layouts"] = {"ok": True, "epoch_seconds": rows, "groups": len(groups),
+                         "chosen_here": str(chosen(dev.type)),
+                         "output": (f"an epoch of exp1's {len(groups)} groups: default "
+                                    f"{rows['default']:.2f} s, channels_last "
+                                    f"{rows['channels_last']:.2f} s")}
+
+
 def summary(report):
     lines = [f"{'check':<28} {'ok':<4} result"]
     for key in report.get("skipped", []):
         lines.append(f"{key:<28} {'-':<4} skipped: the budget was spent")
-    for key in ("cuda_tests", "benchmark", "kill_and_resume"):
+    for key in ("cuda_tests", "benchmark", "kill_and_resume", "layouts"):
         if key not in report:
             continue
         item = report[key]
@@ -251,6 +287,7 @@ def main():
                                                             args.fraction)),
               ("kill_and_resume", lambda: check_kill_and_resume(report, args.device,
                                                                 args.out)),
+              ("layouts", lambda: check_layouts(report, args.device)),
               ("benchmark", lambda: check_benchmark(report, args.device,
                                                     args.benchmark_epochs)),
               ("exp1_shards", lambda: check_shards(report, args.device, args.out,
