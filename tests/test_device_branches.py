@@ -51,13 +51,6 @@ def test_a_gpu_trains_in_one_process_whatever_workers_says(monkeypatch):
     assert ncc.worker_count("cpu") == 3
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
-def test_both_optimizers_use_their_fused_kernel_on_a_cpu_too(name):
-    params = [torch.zeros(3, requires_grad=True)]
-    optimizer, _ = ncc.make_optimizer(params, name, 10)
-    assert optimizer.defaults["fused"] is True
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_sgd_with_a_tensor_rate_steps_as_with_the_float_rate(dtype):
     # the form a CUDA graph replays: SGD's rate as a float32 tensor that the schedule
