@@ -42,6 +42,7 @@ import platform
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -1027,6 +1028,28 @@ def save_json(path, obj):
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+@contextlib.contextmanager
+def stops_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then stop the run as usual. Used
+    while a fused group's records are stored: a stop between two of them would leave the
+    group part-saved, and a part-saved group is trained again whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    caught = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # now handled as it would have been
+
+
 def stratified_subset(noise_mask, size, seed):
     """`size` training indices with the same noise fraction as the full set: exactly
     round(LABEL_NOISE * size) corrupted samples (used by the quick and smoke presets)."""
@@ -1246,8 +1269,10 @@ class ModelRuns:
         with contextlib.closing(self._fit_groups(todo, measure)) as fits:
             for group, fitted in fits:
                 self.trained_cost += group_cost(group)  # a group's models finish together
-                for spec, (record, model) in zip(group, fitted):
-                    done[index[self.key(spec)]] = (self._store(spec, record, model), model)
+                with stops_deferred():
+                    for spec, (record, model) in zip(group, fitted):
+                        done[index[self.key(spec)]] = (self._store(spec, record, model),
+                                                       model)
         missing = (None, None)
         records = [done.get(i, missing)[0] for i in range(len(specs))]
         return (records, [done.get(i, missing)[1] for i in range(len(specs))]) \
@@ -1409,7 +1434,6 @@ def _worker_init(settings, epochs_done):
     apply_settings(settings)
     # Ctrl-C reaches the whole process group: the parent alone handles it (and ends us)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import threading
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 

@@ -29,6 +29,12 @@ def tiny(monkeypatch, data_cache, tmp_path):
 
 # Runs of the script as a user runs it, shared by the command-line test modules (each run
 # takes seconds to a minute on a 2-core CPU, so each is made once per session).
+def saved_records(folder):
+    """The finished records in a records folder (pathlib's glob also matches the writer's
+    hidden temporary files, which a stop or a kill may catch mid-write)."""
+    return [p for p in folder.glob("*.json") if not p.name.startswith(".")]
+
+
 SLOW_SMOKE = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4"]
 """Smoke with Exp 1 longer and its groups pairs (smoke's default fuses all 8 models of an
 architecture), so that a kill or a stop can land between two groups of Exp 1."""

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import SLOW_SMOKE
+from conftest import SLOW_SMOKE, saved_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "neural_collapse_cka.py")
@@ -149,19 +149,19 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir, slow_run):
     group_size = 2  # one more record than a group means at least one whole group is saved
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if records.exists() and len(list(records.glob("*.json"))) > group_size:
+        if records.exists() and len(saved_records(records)) > group_size:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = len(list(records.glob("*.json")))
+    finished = len(saved_records(records))
     assert group_size < finished < 16, "the kill should land half-way through Exp 1"
     assert not (out / f"{NAME}.json").exists()
     # Make sure one group is left part saved, as a kill between its records would leave
     # it: it must be retrained whole, or its other models would train in another group
     # and round differently.
     groups = {}
-    for path in records.glob("*.json"):
+    for path in saved_records(records):
         stem = re.match(r"(.+_w\d+)(_r\d+)?_[0-9a-f]+\.json$", path.name).group(1)
         groups.setdefault(stem, []).append(path)
     complete = [paths for paths in groups.values() if len(paths) == group_size]

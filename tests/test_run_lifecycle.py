@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import SLOW_SMOKE
+from conftest import SLOW_SMOKE, saved_records
 from test_cli import NAME, ROOT, SCRIPT, cli, numbers_only
 
 # Exp 1 alone, its groups pairs of 15 epochs, so that a signal can land between groups
@@ -49,7 +49,7 @@ def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_
     records = out / "records" / "exp1"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        if records.exists() and list(records.glob("*.json")):
+        if records.exists() and saved_records(records):
             break
         time.sleep(0.05)
     workers = _children(proc.pid)
@@ -58,7 +58,7 @@ def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_
     assert proc.returncode == 143, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "rerun the same command" in lines[0]
-    assert 0 < len(list(records.glob("*.json"))) < 16, "the stop should land mid-way"
+    assert 0 < len(saved_records(records)) < 16, "the stop should land mid-way"
     assert not (out / f"{NAME}.json").exists()
     deadline = time.time() + 10  # worker processes end with their parent
     while time.time() < deadline and any(map(_alive, workers)):
@@ -72,6 +72,36 @@ def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_
     ref = numbers_only(json.loads((slow_run[0] / f"{NAME}.json").read_text()))
     again = numbers_only(json.loads((out / f"{NAME}.json").read_text()))
     assert again["exp1"] == ref["exp1"]
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_while_a_group_is_stored_waits_for_the_block_then_stops(sig):
+    import neural_collapse_cka as ncc
+    before = signal.getsignal(sig)
+    signal.signal(sig, _raise_stopped)
+    stored = []
+    try:
+        with pytest.raises(_Stopped):
+            with ncc.stops_deferred():
+                os.kill(os.getpid(), sig)
+                for name in ("model a", "model b"):  # a signal not deferred strikes here
+                    time.sleep(0.01)
+                    stored.append(name)
+        assert stored == ["model a", "model b"]
+        assert signal.getsignal(sig) is _raise_stopped  # the handler is back
+        with ncc.stops_deferred():
+            stored.append("model c")  # no signal: the block just runs
+        assert stored[-1] == "model c"
+    finally:
+        signal.signal(sig, before)
 
 
 PROGRESS = re.compile(r"^\[exp1\] (ResNet|CNN) .*\(\d+ models\): epoch (\d+) of 40; "
