@@ -8,7 +8,8 @@ One script, read top to bottom like a paper's appendix:
     4. metrics    NC1-NC4 (Papyan, Han & Donoho, PNAS 2020), NC in every layer, linear and
                   debiased CKA, power-law fits of weight spectra; pure functions in float64
     5. training   one loop for every model, many models side by side (FusedModels)
-    6. experiments  the four run_* drivers; per-model records make a rerun resume
+    6. experiments  the four run_* drivers; per-model records and per-group snapshots
+                    make a rerun resume
     7. figures    the 3 x 4 composite, and the per-layer / weight-spectrum figure
     8. command line
 
@@ -79,6 +80,8 @@ CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest
 CUDA_GRAPHS = False            # GPU: replay each epoch after the first as one CUDA graph
                                # (EpochGraph); not yet run on a GPU, so off by default
 PROGRESS_SECONDS = 30.0        # a progress line for each training group at least this often
+SNAPSHOT_SECONDS = 120.0       # a group in training saves its state at least this often, so
+                               # a stop loses at most this much of its training (not results)
 
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
@@ -850,6 +853,17 @@ class RowOptimizers:
         for param in self.fused.parameters():
             param.grad = None
 
+    def state_dict(self):
+        return [{"optimizer": opt.state_dict(),
+                 "scheduler": None if scheduler is None else scheduler.state_dict()}
+                for opt, scheduler, _, _ in self.parts]
+
+    def load_state_dict(self, states):
+        for (opt, scheduler, _, _), state in zip(self.parts, states, strict=True):
+            opt.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+
     def end_epoch(self):
         for _, scheduler, _, _ in self.parts:
             if scheduler is not None:
@@ -930,7 +944,7 @@ class EpochGraph:
 
 
 def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_checkpoint=None,
-                 on_epoch=None):
+                 on_epoch=None, save_snapshot=None, resume=None):
     """Train G models of one architecture side by side on (x_train, y_train): batch
     BATCH_SIZE, each model reshuffled every epoch by its own generator seeded with its own
     seed. The loss is the sum over models of each model's mean batch loss (a mean over
@@ -942,6 +956,10 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
     epoch loss is NaN or infinite is marked diverged and
     leaves the loss. The trained weights are written back into `models`. Returns one
     {epochs_run, train_loss, diverged} per model.
+
+    `save_snapshot(state)`, when given, is called at the end of an epoch at least every
+    SNAPSHOT_SECONDS with the group's whole training state (`training_state`); training
+    from `resume=state` then goes on exactly as if it had never stopped.
 
     On a GPU nothing in a step waits for the host (the epoch's losses are read once, after
     it), and with CUDA_GRAPHS every epoch after the first is one CUDA graph (EpochGraph)."""
@@ -957,6 +975,16 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
     out = [{"epochs_run": epochs, "train_loss": float("nan"), "diverged": False}
            for _ in models]
     checkpoints = set(checkpoints)
+    first_epoch = 1
+    if resume is not None:
+        fused.load_state_dict(resume["weights"])
+        optimizers.load_state_dict(resume["optimizers"])
+        for order, state in zip(orders, resume["orders"], strict=True):
+            order.set_state(state.cpu())
+        alive.copy_(resume["alive"])
+        out = [dict(fit) for fit in resume["fits"]]
+        first_epoch = resume["epoch"] + 1
+    last_snapshot = time.time()
 
     def epoch_steps():
         # only tensors that outlive the epoch are read or written (perms, loss_sums, alive,
@@ -973,7 +1001,7 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
 
     run_epoch = (EpochGraph(epoch_steps, optimizers)
                  if CUDA_GRAPHS and EpochGraph.usable(device) else epoch_steps)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         torch.stack([torch.randperm(n, generator=g, device=device) for g in orders], out=perms)
         run_epoch()
         optimizers.end_epoch()
@@ -991,9 +1019,24 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
             on_epoch(epoch)
         if not alive.any():
             break
+        if save_snapshot is not None and epoch < epochs \
+                and time.time() - last_snapshot >= SNAPSHOT_SECONDS:
+            save_snapshot(training_state(epoch, fused, optimizers, orders, alive, out))
+            last_snapshot = time.time()
     for g, model in enumerate(models):
         fused.copy_into(g, model).to(device)
     return out
+
+
+def training_state(epoch, fused, optimizers, orders, alive, fits):
+    """Everything `train_models` needs to go on after `epoch`: the fused weights and
+    BatchNorm statistics, the optimizers' and schedules' states, each model's data-order
+    generator, which models are alive, and their fits so far (tensors, lists, dicts and
+    numbers only, so it loads with torch.load's weights_only). It shares the live tensors:
+    save it before training goes on."""
+    return {"epoch": epoch, "weights": fused.state_dict(), "optimizers": optimizers.state_dict(),
+            "orders": [order.get_state() for order in orders], "alive": alive.clone(),
+            "fits": [dict(fit) for fit in fits]}
 
 
 def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpoint=None):
@@ -1005,7 +1048,8 @@ def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpo
 # ----------------------------------------------------------------------------------------
 # 6. Experiments: the four drivers. Each finished model is saved as a
 #    record (JSON, plus its weights) keyed by everything that determines it, so a rerun
-#    skips it; each driver returns a plain JSON-serialisable dict.
+#    skips it, and a group in training saves snapshots it resumes from; each driver
+#    returns a plain JSON-serialisable dict.
 # ----------------------------------------------------------------------------------------
 LAYERS = ["L0", "L1", "L2", "L3"]
 
@@ -1076,7 +1120,7 @@ def training_config():
     models to run (WIDTHS, DIMS, ...) and the epoch counts are left out: a model's own
     width and epochs are part of its record key instead."""
     skip = {"WIDTHS", "DIMS", "EPOCH_WISE_WIDTHS", "CKA_SEEDS", "REPLICATES", "DATA_DIR",
-            "FIGURE_DPI", "PROGRESS_SECONDS"}
+            "FIGURE_DPI", "PROGRESS_SECONDS", "SNAPSHOT_SECONDS"}
     return {name: value for name, value in hyperparameters().items()
             if name not in skip and not name.startswith("EPOCHS_")}
 
@@ -1190,6 +1234,7 @@ class ModelRuns:
         self.count, self.trained_cost = 0, 0
         self.train_start, self.todo_cost, self.finished, self.last_progress = None, 0, set(), 0.0
         self.partial_cost = 0  # work done in groups that workers are still training
+        self.resumed = {}  # {snapshot path: the epoch a stopped group resumes after}
 
     def key(self, spec):
         # the CKA settings only change what Exp 4 measures during training
@@ -1205,6 +1250,14 @@ class ModelRuns:
             name += f"_r{spec['replicate']}"
         stem = os.path.join(self.records_dir, self.experiment, f"{name}_{self.key(spec)}")
         return stem + ".json", stem + ".pt"
+
+    def snapshot_path(self, group):
+        """Where a group in training keeps its latest state (`train_models`); named by its
+        models' keys, so a change of configuration never resumes from a stale one."""
+        if not self.records_dir:
+            return None
+        keys = hashlib.sha256(" ".join(map(self.key, group)).encode()).hexdigest()[:20]
+        return os.path.join(self.records_dir, self.experiment, f"group_{keys}.snapshot")
 
     def seed(self, spec):
         return spec.get("seed", derive_seed(self.experiment, spec["arch"], spec["optimizer"],
@@ -1245,9 +1298,9 @@ class ModelRuns:
         records of the others are None.
 
         Groups are formed from all of `specs`, finished or not, so a resumed run trains
-        exactly the groups of an uninterrupted one; a group that an interruption left
-        partly saved is trained again whole (fused models round differently in another
-        group, see FusedModels)."""
+        exactly the groups of an uninterrupted one; a group stopped in training goes on
+        from its snapshot (`snapshot_path`), and one a kill left partly saved is trained
+        again whole (fused models round differently in another group, see FusedModels)."""
         index = {self.key(spec): i for i, spec in enumerate(specs)}
         done, todo = {}, []
         for group in self.groups(specs):
@@ -1258,21 +1311,27 @@ class ModelRuns:
             for spec, item in zip(group, loaded):
                 done[index[self.key(spec)]] = item
                 self._report(spec, item[0], cached=True)
+            if not _COLLECT_FROM:  # a collect writes nothing
+                self._drop_snapshot(group)  # one a kill left just after the records
         todo = [group for group in todo if select is None or select(group)]
         if todo and _COLLECT_FROM:
             raise NotCollectable(f"{sum(map(len, todo))} models of {self.experiment} have no "
                                  "readable record")
-        todo.sort(key=lambda g: -group_cost(g))
+        for group in todo:
+            self._note_snapshot(group)
+        todo.sort(key=lambda g: -self._cost_to(g))
         self.train_start = self.last_progress = time.time()
-        self.todo_cost = sum(map(group_cost, todo))
+        self.todo_cost = sum(self._cost_to(g) for g in todo)
         # closing: an interruption shuts the worker pool down at once, not at collection
         with contextlib.closing(self._fit_groups(todo, measure)) as fits:
             for group, fitted in fits:
-                self.trained_cost += group_cost(group)  # a group's models finish together
+                # a group's models finish together
+                self.trained_cost += self._cost_to(group)
                 with stops_deferred():
                     for spec, (record, model) in zip(group, fitted):
                         done[index[self.key(spec)]] = (self._store(spec, record, model),
                                                        model)
+                    self._drop_snapshot(group)
         missing = (None, None)
         records = [done.get(i, missing)[0] for i in range(len(specs))]
         return (records, [done.get(i, missing)[1] for i in range(len(specs))]) \
@@ -1289,20 +1348,22 @@ class ModelRuns:
         workers = worker_count(self.data["x_train"].device.type)
         if workers < 2:
             for i, group in enumerate(groups):
-                yield group, self._fit_group(group, measure, self._epoch_counter(i, group))
+                yield group, self._fit_group(group, measure, self._epoch_counter(i, group),
+                                             self.snapshot_path(group))
             return
         with torch_threads(1):
             if len(groups) < 2:
                 for i, group in enumerate(groups):
-                    yield group, self._fit_group(group, measure, self._epoch_counter(i, group))
+                    yield group, self._fit_group(group, measure, self._epoch_counter(i, group),
+                                                 self.snapshot_path(group))
                 return
             import multiprocessing
             context = multiprocessing.get_context("spawn")
             epochs_done = context.Array("i", len(groups), lock=False)
             with context.Pool(min(workers, len(groups)), _worker_init,
                               (hyperparameters(), epochs_done)) as pool:
-                jobs = [(self.experiment, self.data, group, measure, i)
-                        for i, group in enumerate(groups)]
+                jobs = [(self.experiment, self.data, group, measure, i,
+                         self.snapshot_path(group)) for i, group in enumerate(groups)]
                 results = pool.imap_unordered(_worker_fit, jobs)
                 left = len(groups)
                 while left:
@@ -1313,7 +1374,7 @@ class ModelRuns:
                         continue
                     left -= 1
                     self.finished.add(i)
-                    self.partial_cost = sum(group_cost(g) * epoch / g[0]["epochs"] for g, epoch
+                    self.partial_cost = sum(self._cost_to(g, epoch) for g, epoch
                                             in self._training(groups, epochs_done).values())
                     yield groups[i], [(record, self._rebuild(spec, state))
                                       for spec, (record, state) in zip(groups[i], fitted)]
@@ -1336,7 +1397,7 @@ class ModelRuns:
         self.last_progress = time.time()
         if self.log is None:
             return
-        progressed = self.trained_cost + sum(group_cost(g) * epoch / g[0]["epochs"]
+        progressed = self.trained_cost + sum(self._cost_to(g, epoch)
                                              for g, epoch in training.values())
         left = _eta(time.time() - self.train_start, progressed, self.todo_cost)
         for group, epoch in training.values():
@@ -1348,25 +1409,38 @@ class ModelRuns:
         model.load_state_dict(state)
         return model.to(self.data["x_train"].device).eval()
 
-    def _fit_group(self, group, measure=None, on_epoch=None):
-        """Train one group; [(record, trained model)] without saving anything."""
+    def _fit_group(self, group, measure=None, on_epoch=None, snapshot_path=None):
+        """Train one group; [(record, trained model)]. Nothing is saved but, with a
+        `snapshot_path`, the group's state while it trains, from which it resumes."""
         start = time.time()
         seeds = [self.seed(spec) for spec in group]
         models = [make_model(s["arch"], s["width"], seed, s.get("d"))
                   for s, seed in zip(group, seeds)]
-        measured = [[] for _ in group]
-        measuring = [0.0] * len(group)
+        resume = self._load_snapshot(snapshot_path)
+        if resume is None:
+            resume = {"training": None, "measured": [[] for _ in group],
+                      "measuring": [0.0] * len(group), "seconds": 0.0, "measure": None}
+        measured, measuring = resume["measured"], resume["measuring"]
+        if resume["measure"] is not None:
+            measure.load_state_dict(resume["measure"])
 
         def on_checkpoint(g, model, epoch):
             started = time.time()
-            measured[g].append(measure(group[g], model, epoch, self.data))
+            measured[g].append(_json_ready(measure(group[g], model, epoch, self.data)))
             measuring[g] += time.time() - started
+
+        def save_snapshot(training):
+            state = {"training": training, "measured": measured, "measuring": measuring,
+                     "seconds": resume["seconds"] + time.time() - start,
+                     "measure": measure.state_dict() if hasattr(measure, "state_dict") else None}
+            write_atomic(snapshot_path, lambda f: torch.save(state, f))
 
         trained = train_models(
             models, self.data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
-            group[0].get("checkpoints", ()), on_checkpoint, on_epoch)
+            group[0].get("checkpoints", ()), on_checkpoint, on_epoch,
+            save_snapshot if snapshot_path else None, resume["training"])
         # wall time shared by a fused group, its checkpoint measures included
-        seconds = (time.time() - start) / len(group)
+        seconds = (resume["seconds"] + time.time() - start) / len(group)
         fitted = []
         for spec, seed, model, fit, curve, checkpoint_seconds in zip(
                 group, seeds, models, trained, measured, measuring):
@@ -1388,6 +1462,45 @@ class ModelRuns:
                             "trained_with": len(group), "device": self.device_type},
                            model.eval()))
         return fitted
+
+    def _note_snapshot(self, group):
+        """Before training: the epoch a stopped group's snapshot holds, logged and kept
+        for the time estimates (an unreadable snapshot is removed: the group starts over)."""
+        path = self.snapshot_path(group)
+        state = self._load_snapshot(path)
+        if state is None:
+            self._drop_snapshot(group)
+            return
+        epoch = self.resumed[path] = state["training"]["epoch"]
+        if self.log is not None:
+            self.log(f"[{self.experiment}] {_describe_group(group)}: resumes at epoch "
+                     f"{epoch + 1} of {group[0]['epochs']} from the snapshot a stopped run left")
+
+    def _drop_snapshot(self, group):
+        """Remove a group's snapshot: its records, once written, supersede it."""
+        path = self.snapshot_path(group)
+        if path and os.path.exists(path):
+            os.remove(path)
+
+    def _cost_to(self, group, epoch=None):
+        """The cost of training a group from where this run starts it (a snapshot's epoch,
+        or 0) to `epoch` (None: to its end)."""
+        start = self.resumed.get(self.snapshot_path(group), 0)
+        end = group[0]["epochs"] if epoch is None else epoch
+        return group_cost(group) * max(end - start, 0) / group[0]["epochs"]
+
+    def _load_snapshot(self, path):
+        """The state a stopped group saved, or None: none, or unreadable (with a warning;
+        the group then starts over)."""
+        if not path or not os.path.exists(path):
+            return None
+        try:
+            return torch.load(path, map_location=self.data["x_train"].device,
+                              weights_only=True)
+        except Exception as e:
+            warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
+                          "starts over")
+            return None
 
     def _store(self, spec, record, model):
         """Save a finished model's record and weights (when there is a records_dir), report
@@ -1448,12 +1561,14 @@ def _exit_with_parent(parent):
 def _worker_fit(job):
     """In a worker process: train one group on the parent's data (a worker that loaded
     it itself would pay about 0.9 s importing mnist1d and scipy); the records and weights
-    go back to the parent, which alone writes files and prints progress."""
-    experiment, data, group, measure, index = job
+    go back to the parent, which alone writes them and prints progress. The group's
+    snapshots, only this process has."""
+    experiment, data, group, measure, index, snapshot_path = job
     runs = ModelRuns(experiment, data, log=None)
     on_epoch = functools.partial(_EPOCHS_DONE.__setitem__, index)
     return index, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
-                   for record, model in runs._fit_group(group, measure, on_epoch)]
+                   for record, model in runs._fit_group(group, measure, on_epoch,
+                                                        snapshot_path)]
 
 
 def _eta(elapsed, progressed, total):
@@ -1788,6 +1903,16 @@ class DriftMeasure:
 
     def __init__(self, estimator, conv):
         self.estimator, self.conv, self.reference = estimator, conv, {}
+
+    # a group's snapshot keeps the epoch-1 representations, which a resumed run cannot redo
+    # (as tensors: a snapshot holds no numpy arrays, so it loads with weights_only)
+    def state_dict(self):
+        return {"reference": {spec: [torch.from_numpy(r) for r in reps]
+                              for spec, reps in self.reference.items()}}
+
+    def load_state_dict(self, state):
+        self.reference = {spec: [r.cpu().numpy() for r in reps]
+                          for spec, reps in state["reference"].items()}
 
     def __call__(self, spec, model, epoch, data):
         reps = layer_representations(model, cka_inputs(data), self.conv)

@@ -9,8 +9,9 @@ In this order, each check started only while the budget (seconds) lasts:
    from these, `full`'s wall time extrapolated: the training time read from the runs'
    records scales with the epochs, the checkpoint measures with their number, and the
    rest (analysis, start-up) stays as it was;
-3. a smoke run killed with SIGKILL after its first record and rerun, against an
-   uninterrupted one: the same numbers;
+3. a smoke run (a snapshot after every epoch) killed with SIGKILL after its first record
+   and rerun, finished groups loaded and the group in training resumed from its
+   snapshot, against an uninterrupted one: the same numbers;
 4. an epoch of each of Exp 1's fused groups with the activations in PyTorch's default
    layout and in channels-last (the CPU's);
 5. tests/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
@@ -91,7 +92,8 @@ def check_benchmark(report, device, epochs):
 
 def check_kill_and_resume(report, device, out):
     from test_cli import numbers_only
-    args = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4"]
+    args = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4",
+            "--set", "SNAPSHOT_SECONDS=0"]
     _, reference = run(study(f"{out}/resume_ref", device, *args))
     killed = f"{out}/resume_killed"
     proc = subprocess.Popen(study(killed, device, *args), cwd=ROOT,
@@ -99,7 +101,8 @@ def check_kill_and_resume(report, device, out):
     records = os.path.join(killed, "records", "exp1")
     deadline = time.time() + min(300, time_left())
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(records) and any(f.endswith(".json") for f in os.listdir(records)):
+        if os.path.isdir(records) and any(f.endswith(".json") and not f.startswith(".")
+                                          for f in os.listdir(records)):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -109,8 +112,10 @@ def check_kill_and_resume(report, device, out):
     if reference.returncode == 0 and resumed.returncode == 0:
         load = lambda folder: numbers_only(json.load(open(os.path.join(folder, RESULTS))))
         same = load(f"{out}/resume_ref") == load(killed)
-    report["kill_and_resume"] = {"ok": same, "cached_lines": resumed.stdout.count("(cached)"),
-                                 "output": tail(resumed.stdout + resumed.stderr)}
+    report["kill_and_resume"] = {
+        "ok": same, "cached_lines": resumed.stdout.count("(cached)"),
+        "snapshot_lines": resumed.stdout.count("from the snapshot a stopped run left"),
+        "output": tail(resumed.stdout + resumed.stderr)}
 
 
 def extrapolate(number, folder, wall, scale):

@@ -42,14 +42,20 @@ def _alive(pid):
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads worker pids from /proc")
 def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_dir, slow_run):
+    # a snapshot after every epoch, so the stop also finds groups in training to resume
+    args = [*SLOW, "--set", "SNAPSHOT_SECONDS=0", "--out", str(tmp_path / "stopped")]
     out = tmp_path / "stopped"
-    cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *SLOW, "--out", str(out)]
+    cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     records = out / "records" / "exp1"
+
+    def snapshots():  # the writer's temporary files start with ".tmp-"
+        return list(records.glob("group_*.snapshot"))
+
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
-        if records.exists() and saved_records(records):
+        if records.exists() and saved_records(records) and snapshots():
             break
         time.sleep(0.05)
     workers = _children(proc.pid)
@@ -64,11 +70,15 @@ def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_
     while time.time() < deadline and any(map(_alive, workers)):
         time.sleep(0.1)
     assert not any(map(_alive, workers))
+    stopped_in_training = snapshots()  # almost always one or two, for two workers
 
-    resumed = cli(*SLOW, "--out", str(out), data_dir=data_dir)
+    resumed = cli(*args, data_dir=data_dir)
     assert resumed.returncode == 0 and resumed.stderr == "", resumed.stderr
     assert "(cached)" in resumed.stdout
-    # Exp 1's numbers do not depend on which other experiments a run has
+    resumes = resumed.stdout.count("from the snapshot a stopped run left")
+    assert resumes == len(stopped_in_training)
+    assert not snapshots(), "a finished group's snapshot is removed"
+    # Exp 1's numbers do not depend on which other experiments a run has, nor on stops
     ref = numbers_only(json.loads((slow_run[0] / f"{NAME}.json").read_text()))
     again = numbers_only(json.loads((out / f"{NAME}.json").read_text()))
     assert again["exp1"] == ref["exp1"]
