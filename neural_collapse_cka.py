@@ -34,6 +34,7 @@ References
 
 import argparse
 import ast
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -1476,6 +1477,18 @@ class ModelRuns:
             self.log(f"[{self.experiment}] {_describe_group(group)}: resumes at epoch "
                      f"{epoch + 1} of {group[0]['epochs']} from the snapshot a stopped run left")
 
+    def share_done(self, group):
+        """How much of a group earlier runs did: 1 when all its records are there, its
+        snapshot's epoch over its epochs, else 0 (for the plan)."""
+        if not self.records_dir:
+            return 0.0
+        if all(os.path.exists(self._paths(spec)[0]) for spec in group):
+            return 1.0
+        with warnings.catch_warnings():  # an unreadable snapshot is reported when it is met
+            warnings.simplefilter("ignore")
+            state = self._load_snapshot(self.snapshot_path(group))
+        return 0.0 if state is None else state["training"]["epoch"] / group[0]["epochs"]
+
     def _drop_snapshot(self, group):
         """Remove a group's snapshot: its records, once written, supersede it."""
         path = self.snapshot_path(group)
@@ -1495,8 +1508,7 @@ class ModelRuns:
         if not path or not os.path.exists(path):
             return None
         try:
-            return torch.load(path, map_location=self.data["x_train"].device,
-                              weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
                           "starts over")
@@ -1547,7 +1559,21 @@ def _worker_init(settings, epochs_done):
     apply_settings(settings)
     # Ctrl-C reaches the whole process group: the parent alone handles it (and ends us)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM (the parent's clean-up, and `timeout` or a cluster's time limit, which signal
+    # every process) ends a worker by an exception, not the default instant death: an idle
+    # worker waits for work holding the task queue's lock, which the exception releases;
+    # killed holding it, it would leave the parent's clean-up waiting for it forever.
+    # Once the worker exits (the parent's clean-up signals it then too), SIGTERM is ignored:
+    # an exception inside the exit's own clean-up would print a traceback. atexit runs
+    # handlers last registered first, so this one comes before torch's.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one exit is enough
+    raise SystemExit(128 + signum)
 
 
 def _exit_with_parent(parent):
@@ -2518,7 +2544,7 @@ def study_estimate(groups, seconds, device, first_use):
     for experiment in dict.fromkeys(name for name, _ in groups):
         mine = sorted(((group_cost(g), t) for (name, g), t in zip(groups, seconds)
                        if name == experiment), key=lambda pair: -pair[0])
-        pool = workers > 1 and len(mine) > 1
+        pool = workers > 1 and sum(t > 0 for _, t in mine) > 1  # finished groups take 0 s
         walls[experiment] = (schedule_seconds([t for _, t in mine], workers)
                              + (_IMPORT_SECONDS + first_use if pool else 0.0))
     return walls
@@ -2537,15 +2563,22 @@ def _describe_group(group):
     return text + (f" d={','.join(map(str, dims))}" if dims else "") + f" ({len(group)} models)"
 
 
-def plan_study(experiments, device, shard=None, detail=False, log=print):
+def plan_study(experiments, device, shard=None, detail=False, log=print, records_dir=None):
     """Print the plan of a run (or with `shard` = (I, N), of a sharded one): its groups and
-    their estimated time on this device, measured by a probe of a few seconds. Returns
-    {"groups", "owner" (each group's shard, or None), "seconds" (this process's estimated
-    total), "experiments" (each experiment's estimated seconds)}."""
-    probe_start = time.time()
+    their estimated time on this device, measured by a probe of a few seconds, less what
+    earlier runs left in `records_dir` (finished groups, snapshots). Returns {"groups",
+    "owner" (each group's shard, or None), "seconds" (this process's estimated total),
+    "experiments" (each experiment's estimated seconds)}."""
     groups = study_groups(experiments, device.type)
-    seconds, first_use = estimate_group_seconds(groups, device)
+    done = [ModelRuns(name, None, records_dir, None, device.type).share_done(group)
+            for name, group in groups]
+    left = [i for i, share in enumerate(done) if share < 1]  # only these are probed
+    probe_start = time.time()
+    probed, first_use = estimate_group_seconds([groups[i] for i in left], device)
     probe = time.time() - probe_start
+    seconds = [0.0] * len(groups)
+    for i, t in zip(left, probed):
+        seconds[i] = t * (1 - done[i])
     owner = (assign_shards([group_cost(g) for _, g in groups], shard[1])
              if shard else None)
     workers = worker_count(device.type)
@@ -2553,9 +2586,15 @@ def plan_study(experiments, device, shard=None, detail=False, log=print):
     walls = study_estimate(groups, seconds, device, first_use)
     total = sum(walls.values()) + finish
     models = sum(len(g) for _, g in groups)
+    earlier = ""
+    if any(done):
+        finished = sum(len(g) for (_, g), share in zip(groups, done) if share == 1)
+        started = sum(0 < share < 1 for share in done)
+        earlier = (f"; {finished} models finished and {started} group"
+                   f"{'s' if started != 1 else ''} part-trained by earlier runs, the rest")
     log(f"plan: {models} models in {len(groups)} groups on {device.type}, {workers} worker "
-        f"process{'es' if workers > 1 else ''}; estimated {_duration(total)} on this machine "
-        f"(probe {probe:.1f}s)")
+        f"process{'es' if workers > 1 else ''}{earlier or ';'} estimated {_duration(total)} "
+        f"on this machine (probe {probe:.1f}s)")
     for experiment, wall in walls.items():
         mine = [g for name, g in groups if name == experiment]
         log(f"  {experiment}: {sum(map(len, mine))} models in {len(mine)} groups, "
@@ -2627,10 +2666,10 @@ def run_shard(experiments, out_dir, device, shard, log=print):
     hyperparameters alone), into out_dir/records; nothing else is written. Returns the
     number of models it trained or found finished."""
     index, count = shard
-    plan = plan_study(experiments, device, shard, log=log)
+    records_dir = os.path.join(out_dir, "records")
+    plan = plan_study(experiments, device, shard, log=log, records_dir=records_dir)
     groups, owner = plan["groups"], plan["owner"]
     _RUN.update(estimates=plan["experiments"], taken={})
-    records_dir = os.path.join(out_dir, "records")
     save_json(_shard_marker(records_dir, count, experiments),
               {"shards": count, "experiments": experiments})  # tells --collect who owns what
     mine = {}
@@ -2853,7 +2892,8 @@ def main(argv=None):
     apply_settings(settings)
     log = functools.partial(print, flush=True)
     if args.plan:
-        plan_study(experiments, device, shard, detail=True, log=log)
+        plan_study(experiments, device, shard, detail=True, log=log,
+                   records_dir=os.path.join(args.out, "records"))
         return 0
     # SIGTERM (kill, timeout, a cluster's time limit) stops the run as Ctrl-C does
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -2868,7 +2908,8 @@ def main(argv=None):
             log(f"shard {shard[0]}/{shard[1]} finished ({models} models); when every shard "
                 f"has, collect with: {_command_without(argv, '--shard', True)} --collect")
         else:
-            plan = plan_study(experiments, device, log=log)
+            plan = plan_study(experiments, device, log=log,
+                              records_dir=os.path.join(args.out, "records"))
             if args.preset == "full" and device.type == "cpu":
                 log(f"note: full is sized for a GPU: about {_duration(plan['seconds'])} on "
                     "this CPU; --preset quick draws the whole figure in minutes (this run "

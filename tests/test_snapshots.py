@@ -139,6 +139,7 @@ def test_run_many_resumes_a_stopped_group_from_its_snapshot(tiny, monkeypatch):
     snapshot = runs.snapshot_path(specs)
     state = torch.load(snapshot, weights_only=True)
     assert state["training"]["epoch"] == 3 and len(state["measured"][0]) == 2
+    assert runs.share_done(specs) == 0.5  # the plan's estimate counts the rest only
 
     epochs_trained = []
     with monkeypatch.context() as patch:
@@ -150,6 +151,7 @@ def test_run_many_resumes_a_stopped_group_from_its_snapshot(tiny, monkeypatch):
     assert runs.todo_cost == pytest.approx(ncc.group_cost(specs) / 2)  # for the time left
     assert "resumes at epoch 4 of 6 from the snapshot" in lines[0]
     assert not (stopped / "exp4" / snapshot.rsplit("/", 1)[1]).exists()
+    assert runs.share_done(specs) == 1.0
     for field in ("seconds", "checkpoint_seconds"):
         assert record.pop(field) > 0
         reference.pop(field)
