@@ -34,7 +34,6 @@ References
 
 import argparse
 import ast
-import atexit
 import contextlib
 import functools
 import hashlib
@@ -1361,8 +1360,9 @@ class ModelRuns:
             import multiprocessing
             context = multiprocessing.get_context("spawn")
             epochs_done = context.Array("i", len(groups), lock=False)
-            with context.Pool(min(workers, len(groups)), _worker_init,
-                              (hyperparameters(), epochs_done)) as pool:
+            pool = context.Pool(min(workers, len(groups)), _worker_init,
+                                (hyperparameters(), epochs_done))
+            try:
                 jobs = [(self.experiment, self.data, group, measure, i,
                          self.snapshot_path(group)) for i, group in enumerate(groups)]
                 results = pool.imap_unordered(_worker_fit, jobs)
@@ -1379,6 +1379,11 @@ class ModelRuns:
                                             in self._training(groups, epochs_done).values())
                     yield groups[i], [(record, self._rebuild(spec, state))
                                       for spec, (record, state) in zip(groups[i], fitted)]
+            except BaseException:  # a stop (or the caller's error): no worker is waited for
+                _kill_workers(pool)
+                raise
+            finally:
+                pool.terminate()
 
     def _training(self, groups, epochs_done):
         """{index: (group, epochs done)} of the groups that workers are training now."""
@@ -1559,21 +1564,25 @@ def _worker_init(settings, epochs_done):
     apply_settings(settings)
     # Ctrl-C reaches the whole process group: the parent alone handles it (and ends us)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SIGTERM (the parent's clean-up, and `timeout` or a cluster's time limit, which signal
-    # every process) ends a worker by an exception, not the default instant death: an idle
-    # worker waits for work holding the task queue's lock, which the exception releases;
-    # killed holding it, it would leave the parent's clean-up waiting for it forever.
-    # Once the worker exits (the parent's clean-up signals it then too), SIGTERM is ignored:
-    # an exception inside the exit's own clean-up would print a traceback. atexit runs
-    # handlers last registered first, so this one comes before torch's.
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
-def _exit_on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one exit is enough
-    raise SystemExit(128 + signum)
+def _kill_workers(pool):
+    """End a multiprocessing pool's workers at once, and free the queue locks a worker may
+    have died holding, so that `pool.terminate()` cannot wait forever. An idle worker
+    waits for work holding the task queue's read lock (and one sending a result holds the
+    result queue's write lock); SIGTERM to every process (`timeout`, a cluster's time
+    limit) kills it there. Both locks are private to Pool, hence the getattr: on a Python
+    whose Pool differs, the locks are just left alone."""
+    for process in getattr(pool, "_pool", []):
+        process.kill()
+        process.join()
+    for queue, name in ((getattr(pool, "_inqueue", None), "_rlock"),
+                        (getattr(pool, "_outqueue", None), "_wlock")):
+        lock = getattr(queue, name, None)
+        if lock is not None:  # with every worker dead, whoever holds it is gone
+            lock.acquire(block=False)
+            lock.release()
 
 
 def _exit_with_parent(parent):
