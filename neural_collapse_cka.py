@@ -1360,9 +1360,8 @@ class ModelRuns:
             import multiprocessing
             context = multiprocessing.get_context("spawn")
             epochs_done = context.Array("i", len(groups), lock=False)
-            pool = context.Pool(min(workers, len(groups)), _worker_init,
-                                (hyperparameters(), epochs_done))
-            try:
+            with context.Pool(min(workers, len(groups)), _worker_init,
+                              (hyperparameters(), epochs_done)) as pool:
                 jobs = [(self.experiment, self.data, group, measure, i,
                          self.snapshot_path(group)) for i, group in enumerate(groups)]
                 results = pool.imap_unordered(_worker_fit, jobs)
@@ -1379,11 +1378,6 @@ class ModelRuns:
                                             in self._training(groups, epochs_done).values())
                     yield groups[i], [(record, self._rebuild(spec, state))
                                       for spec, (record, state) in zip(groups[i], fitted)]
-            except BaseException:  # a stop (or the caller's error): no worker is waited for
-                _kill_workers(pool)
-                raise
-            finally:
-                pool.terminate()
 
     def _training(self, groups, epochs_done):
         """{index: (group, epochs done)} of the groups that workers are training now."""
@@ -1565,24 +1559,6 @@ def _worker_init(settings, epochs_done):
     # Ctrl-C reaches the whole process group: the parent alone handles it (and ends us)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-
-
-def _kill_workers(pool):
-    """End a multiprocessing pool's workers at once, and free the queue locks a worker may
-    have died holding, so that `pool.terminate()` cannot wait forever. An idle worker
-    waits for work holding the task queue's read lock (and one sending a result holds the
-    result queue's write lock); SIGTERM to every process (`timeout`, a cluster's time
-    limit) kills it there. Both locks are private to Pool, hence the getattr: on a Python
-    whose Pool differs, the locks are just left alone."""
-    for process in getattr(pool, "_pool", []):
-        process.kill()
-        process.join()
-    for queue, name in ((getattr(pool, "_inqueue", None), "_rlock"),
-                        (getattr(pool, "_outqueue", None), "_wlock")):
-        lock = getattr(queue, name, None)
-        if lock is not None:  # with every worker dead, whoever holds it is gone
-            lock.acquire(block=False)
-            lock.release()
 
 
 def _exit_with_parent(parent):

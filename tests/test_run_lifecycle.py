@@ -88,35 +88,6 @@ def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_
     assert again["exp1"] == ref["exp1"]
 
 
-def test_sigterm_to_every_process_stops_cleanly_while_a_worker_is_idle(tmp_path, data_dir):
-    """As `timeout` or a cluster's time limit stop a run: SIGTERM to the whole process
-    group, here while one worker has finished its group and waits for work (holding the
-    task queue's lock, which the parent's clean-up must take)."""
-    args = ["--preset", "smoke", "--experiments", "2", "--set", "EPOCHS_EPOCH_WISE=2000",
-            "--set", "EPOCH_WISE_WIDTHS={'critical': 2, 'large': 32}",
-            "--set", "CPU_GROUP_WIDTH=32", "--out", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    records = tmp_path / "records" / "exp2"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if records.exists() and len(saved_records(records)) == 2:  # the w = 2 group is done
-            break
-        time.sleep(0.05)
-    time.sleep(1.0)  # its worker is now idle, waiting on the task queue
-    assert proc.poll() is None, "the wide group should still be training"
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        _, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the run hung after SIGTERM")
-    assert proc.returncode == 143, stderr
-    assert len(stderr.strip().splitlines()) == 1 and "SIGTERM" in stderr
-
-
 def test_the_plan_of_a_finished_run_counts_its_models_as_done(data_dir, slow_run):
     result = cli(*SLOW_SMOKE, "--plan", "--out", str(slow_run[0]), data_dir=data_dir)
     assert result.returncode == 0, result.stderr
