@@ -77,6 +77,10 @@ ADAM_WEIGHT_DECAY = 1e-4
 FUSED = True                   # train models of one architecture side by side (FusedModels)
 WORKERS = 0                    # CPU worker processes; 0: one per core, at most 2 (GPU: 1)
 CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest <= this
+FLUSH_DENORMALS = True         # CPU: subnormal floats (below 1.2e-38) computed as 0 (FTZ and
+                               # DAZ): weight decay drives idle weights and Adam's moments
+                               # there, and x86 arithmetic on them is many times slower, so
+                               # late epochs of long runs slowed about 8x without it
 CUDA_GRAPHS = False            # GPU: replay each epoch after the first as one CUDA graph
                                # (EpochGraph); not yet run on a GPU, so off by default
 PROGRESS_SECONDS = 30.0        # a progress line for each training group at least this often
@@ -663,6 +667,46 @@ def make_model(arch, width, seed, feature_dim=None):
     raise ValueError(f"unknown architecture {arch!r}; allowed: ResNet, CNN")
 
 
+def subnormals_survive():
+    """Whether a subnormal float32 survives arithmetic on the CPU threads torch computes
+    with: True on every thread, False on none, None when only some threads flush it. The
+    product spans 64k elements per thread, so every intra-op thread computes a share; its
+    input is 2^-129 written as bits, since a float converted on a flushing thread is 0."""
+    x = torch.full((65536 * torch.get_num_threads(),), 1 << 20,
+                   dtype=torch.int32).view(torch.float32)
+    share = (x * 1.0 != 0).float().mean().item()
+    return True if share == 1 else False if share == 0 else None
+
+
+def flush_denormals(on):
+    """Make every CPU thread torch computes with flush subnormal floats to zero (on) or keep
+    them, IEEE 754's default (off); True when that holds afterwards, False where the CPU
+    cannot flush. The flags (FTZ, DAZ) belong to a thread: torch.set_flush_denormal sets
+    the calling thread's, and OpenMP's threads copy them from this thread when they start.
+    Threads started earlier keep theirs, so then OpenMP is asked to end its threads
+    (omp_pause_resource_all), and the ones it starts next copy the new flags."""
+    if subnormals_survive() is (not on):
+        return True
+    torch.set_flush_denormal(on)
+    if subnormals_survive() is None:
+        _restart_openmp_threads()
+    return subnormals_survive() is (not on)
+
+
+def _restart_openmp_threads():
+    import ctypes
+    import glob
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for path in sorted(glob.glob(os.path.join(torch_lib, "lib*omp*"))) + ["libgomp.so.1"]:
+        try:
+            pause_all = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause_all.argtypes, pause_all.restype = [ctypes.c_int], ctypes.c_int
+        if pause_all(2) == 0:  # 2: omp_pause_hard, which ends the threads
+            return
+
+
 def make_optimizer(params, name, epochs):
     """SGD + momentum with cosine annealing to 0 over `epochs`, or constant-rate Adam, over
     the tensors `params`."""
@@ -961,10 +1005,14 @@ def train_models(models, data, optimizer, epochs, seeds, checkpoints=(), on_chec
     SNAPSHOT_SECONDS with the group's whole training state (`training_state`); training
     from `resume=state` then goes on exactly as if it had never stopped.
 
+    On a CPU every thread computes with FLUSH_DENORMALS's rounding (`flush_denormals`).
     On a GPU nothing in a step waits for the host (the epoch's losses are read once, after
     it), and with CUDA_GRAPHS every epoch after the first is one CUDA graph (EpochGraph)."""
     x, y = data["x_train"], data["y_train"]
     device, n, size = x.device, len(y), len(models)
+    if device.type == "cpu" and not flush_denormals(FLUSH_DENORMALS):
+        warnings.warn(f"FLUSH_DENORMALS={FLUSH_DENORMALS} could not be set on this CPU's "
+                      "threads; training goes on, late epochs of long runs may be slow")
     fused = FusedModels(models).to(device).train()
     names = [optimizer] * size if isinstance(optimizer, str) else list(optimizer)
     optimizers = RowOptimizers(fused, names, epochs)
