@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The paper-scale study on CPUs, run a few hours at a time until it is done.
+#
+#   bash campaign/campaign.sh start    # resume every unfinished part in the background
+#   bash campaign/campaign.sh stop     # SIGTERM, wait for the resume line (commit after)
+#   bash campaign/campaign.sh status   # models finished, CPU time, last lines
+#
+# Each line of campaign/pins.txt is one part: a name, the commit whose code runs it, and
+# its experiments. A part always runs from a git worktree at its commit, so later changes
+# to the script never mix into its numbers; its records, snapshots, log and (once done)
+# results JSON and figures are under campaign/<name>/. A stopped part resumes from its
+# records and from the snapshot of the group it was training.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+trees=${CAMPAIGN_TREES:-/tmp/ncc-campaign}
+mkdir -p "$trees"
+
+parts() { grep -v '^#' "$root/campaign/pins.txt" | awk 'NF == 3'; }
+pid_of() { cat "$trees/$1.pid" 2>/dev/null || true; }
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+
+case "${1:-status}" in
+start)
+    parts | while read -r name commit experiments; do
+        pid=$(pid_of "$name")
+        if alive "$pid"; then echo "$name: running (pid $pid)"; continue; fi
+        tree="$trees/$commit"
+        [ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$commit" >/dev/null
+        out="$root/campaign/$name"
+        mkdir -p "$out"
+        {
+            echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') start: commit $commit," \
+                 "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
+        } >> "$out/log.txt"
+        (cd "$tree" && exec nohup nice -n 19 python neural_collapse_cka.py --preset full \
+            --device cpu --experiments "$experiments" --set PROGRESS_SECONDS=600 \
+            --out "$out" >> "$out/log.txt" 2>&1) &
+        echo $! > "$trees/$name.pid"
+        echo "$name: started (pid $!, commit $commit, experiments $experiments)"
+    done
+    ;;
+stop)
+    parts | while read -r name commit experiments; do
+        pid=$(pid_of "$name")
+        alive "$pid" || { echo "$name: not running"; continue; }
+        kill -TERM "$pid"  # the parent alone: it stops its workers and saves what it can
+        for _ in $(seq 600); do alive "$pid" || break; sleep 0.5; done
+        if alive "$pid"; then echo "$name: still running after 300 s (pid $pid)"; continue; fi
+        echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') stopped" >> "$root/campaign/$name/log.txt"
+        echo "$name: stopped; $(grep -c '' "$root/campaign/$name/log.txt") log lines"
+    done
+    ;;
+status)
+    parts | while read -r name commit experiments; do
+        pid=$(pid_of "$name")
+        state=$(alive "$pid" && echo "running (pid $pid)" || echo "not running")
+        models=$(find "$root/campaign/$name/records" -name '*.json' ! -name '.*' \
+                 ! -name 'shards_*' 2>/dev/null | wc -l || true)
+        echo "$name ($experiments, commit ${commit:0:7}): $state, $models models finished"
+        tail -n 3 "$root/campaign/$name/log.txt" 2>/dev/null | sed 's/^/    /'
+    done
+    ;;
+*)
+    echo "usage: bash campaign/campaign.sh start|stop|status" >&2
+    exit 2
+    ;;
+esac
