@@ -90,6 +90,8 @@ SNAPSHOT_SECONDS = 120.0       # a group in training saves its state at least th
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
 EPOCHS_MODEL_WISE = 3000
+MODEL_WISE_POINTS = 30         # log-spaced epochs at which every model's train and test
+                               # error are evaluated: the width x epoch picture (0: none)
 # Exp 2: epoch-wise double descent (ResNet-1D, Adam)
 EPOCH_WISE_WIDTHS = {"critical": 12, "large": 64}
 EPOCHS_EPOCH_WISE = 15000
@@ -742,9 +744,10 @@ def _in_chunks(forward, x):
 
 
 @torch.no_grad()
-def evaluate(model, data):
-    """Errors and NC metrics in eval mode: on the training set with the (noisy) labels the
-    model was trained on, and on the test set with clean labels."""
+def evaluate(model, data, collapse=True):
+    """Errors, losses and (with `collapse`) NC metrics in eval mode: on the training set
+    with the (noisy) labels the model was trained on, and on the test set with clean
+    labels."""
     was_training = model.training
     model.eval()
     out = {}
@@ -754,7 +757,8 @@ def evaluate(model, data):
         logits = model.classifier(h)
         out[f"{split}_err"] = float((logits.argmax(1) != y).float().mean())
         out[f"{split}_loss"] = float(F.cross_entropy(logits, y))
-        out[f"nc_{split}"] = nc_metrics(h, y, model.classifier.weight)
+        if collapse:
+            out[f"nc_{split}"] = nc_metrics(h, y, model.classifier.weight)
     model.train(was_training)
     return out
 
@@ -1746,10 +1750,29 @@ def model_wise_setup(epochs=None, widths=None, archs=("ResNet", "CNN"),
     epochs = _check_positive_int("epochs", EPOCHS_MODEL_WISE if epochs is None else epochs)
     widths = _check_int_list("widths", WIDTHS if widths is None else widths)
     replicates = _check_replicates(replicates)
-    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs, "replicate": r}
+    grid = log_spaced_epochs(epochs, MODEL_WISE_POINTS)
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs, "replicate": r,
+              **({"checkpoints": grid} if grid else {})}
              for a in archs for o in optimizers for w in widths for r in range(replicates)]
     return dict(epochs=epochs, widths=widths, archs=archs, optimizers=optimizers,
-                replicates=replicates, specs=specs)
+                replicates=replicates, grid=grid, specs=specs, measure=model_wise_measure)
+
+
+LEARNING_CURVE_NAMES = ["train_err", "test_err", "train_loss", "test_loss"]
+
+
+def model_wise_measure(spec, model, epoch, data):
+    """What Exp 1 records of a model at each of its checkpoints: its learning curve."""
+    scores = evaluate(model, data, collapse=False)
+    return {"epoch": epoch, **{name: scores[name] for name in LEARNING_CURVE_NAMES}}
+
+
+def _curve_summary(records, grid, names):
+    """`_summarise` over the epochs of `grid` of each replicate's checkpoint values under
+    `names` (a replicate that diverged and stopped early has None at later epochs)."""
+    curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
+    return _summarise([[{name: curve.get(epoch, {}).get(name) for name in names}
+                        for curve in curves] for epoch in grid])
 
 
 def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
@@ -1761,19 +1784,82 @@ def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
     NC1-NC4 on the training set (noisy labels) and under "nc_test" on the test set (clean
     labels); "per_layer": NC1 (both forms) and NC4 of every layer L0..L3; "esd": the weight
     spectra (layer-averaged power-law alpha and every weight's fit). Every replicate's value
-    is kept under "replicates"; "diverged" says whether any replicate diverged."""
+    is kept under "replicates"; "diverged" says whether any replicate diverged. "curves":
+    the learning curves, train and test error and loss at the log-spaced epochs
+    curves["epoch"] (MODEL_WISE_POINTS of them), as lists over widths of lists over epochs
+    (each replicate's under curves["replicates"]); evaluating them leaves training as it
+    would be without them."""
     setup = model_wise_setup(epochs, widths, archs, optimizers, replicates)
     epochs, widths, replicates = setup["epochs"], setup["widths"], setup["replicates"]
     data = experiment_data(resolve_device(device))
     runs = ModelRuns("exp1", data, records_dir, log)
-    points = iter(_chunks(runs.run_many(setup["specs"]), replicates))
+    points = iter(_chunks(runs.run_many(setup["specs"], setup["measure"]), replicates))
     out = {}
     for arch in archs:
         for opt in optimizers:
             by_width = [next(points) for _ in widths]
+            curves = {"epoch": setup["grid"]}
+            if setup["grid"]:
+                curves.update(_transpose([_curve_summary(records, setup["grid"],
+                                                         LEARNING_CURVE_NAMES)
+                                          for records in by_width]))
             out[f"{arch}_{opt}"] = {"width": widths,
                                     "params": [records[0]["params"] for records in by_width],
                                     **_sweep_summary(by_width, _exp1_values),
+                                    "curves": curves,
+                                    "epochs": epochs, "replicate_count": replicates}
+    return _json_ready(out)
+
+
+CURVE_NAMES = ["train_err", "test_err", "train_loss", "test_loss"]
+
+
+def model_wise_measure(spec, model, epoch, data):
+    """What Exp 1 records of a model at each of its checkpoints: its learning curve."""
+    scores = evaluate(model, data, collapse=False)
+    return {"epoch": epoch, **{name: scores[name] for name in LEARNING_CURVE_NAMES}}
+
+
+def _curve_summary(records, grid, names):
+    """`_summarise` over the epochs of `grid` of each replicate's checkpoint values under
+    `names` (a replicate that diverged and stopped early has None at later epochs)."""
+    curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
+    return _summarise([[{name: curve.get(epoch, {}).get(name) for name in names}
+                        for curve in curves] for epoch in grid])
+
+
+def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
+                            optimizers=("SGD", "Adam"), replicates=None, device=None,
+                            records_dir=None, log=print):
+    """Exp 1, model-wise double descent: every architecture x optimizer x width, trained for
+    `epochs`, `replicates` times (own derived seeds). Per configuration ("ResNet_SGD", ...),
+    lists over widths of the mean over replicates: train/test error, train loss, seconds,
+    NC1-NC4 on the training set (noisy labels) and under "nc_test" on the test set (clean
+    labels); "per_layer": NC1 (both forms) and NC4 of every layer L0..L3; "esd": the weight
+    spectra (layer-averaged power-law alpha and every weight's fit). Every replicate's value
+    is kept under "replicates"; "diverged" says whether any replicate diverged. "curves":
+    the learning curves, train and test error and loss at the log-spaced epochs
+    curves["epoch"] (MODEL_WISE_POINTS of them), as lists over widths of lists over epochs
+    (each replicate's under curves["replicates"]); evaluating them leaves training as it
+    would be without them."""
+    setup = model_wise_setup(epochs, widths, archs, optimizers, replicates)
+    epochs, widths, replicates = setup["epochs"], setup["widths"], setup["replicates"]
+    data = experiment_data(resolve_device(device))
+    runs = ModelRuns("exp1", data, records_dir, log)
+    points = iter(_chunks(runs.run_many(setup["specs"], setup["measure"]), replicates))
+    out = {}
+    for arch in archs:
+        for opt in optimizers:
+            by_width = [next(points) for _ in widths]
+            curves = {"epoch": setup["grid"]}
+            if setup["grid"]:
+                curves.update(_transpose([_curve_summary(records, setup["grid"],
+                                                         LEARNING_CURVE_NAMES)
+                                          for records in by_width]))
+            out[f"{arch}_{opt}"] = {"width": widths,
+                                    "params": [records[0]["params"] for records in by_width],
+                                    **_sweep_summary(by_width, _exp1_values),
+                                    "curves": curves,
                                     "epochs": epochs, "replicate_count": replicates}
     return _json_ready(out)
 
@@ -1831,11 +1917,7 @@ def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=No
     out = {}
     for name, records in zip(widths, _chunks(runs.run_many(setup["specs"], setup["measure"]),
                                              setup["replicates"])):
-        # a diverged model may stop early when its whole group diverged: missing epochs are NaN
-        curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
-        by_epoch = [[{key: curve.get(epoch, {}).get(key) for key in CURVE_NAMES}
-                     for curve in curves] for epoch in grid]
-        summary = _summarise(by_epoch)
+        summary = _curve_summary(records, grid, CURVE_NAMES)
         summary["replicates"]["seed"] = [record["seed"] for record in records]
         out[name] = {"width": widths[name], "epoch": grid, **summary,
                      "diverged": any(record["diverged"] for record in records)}
@@ -2223,11 +2305,12 @@ def _figure(rows, cols, size):
     return plt.subplots(rows, cols, figsize=size)
 
 
-def _save_figure(fig, results, title, path):
+def _save_figure(fig, results, title, path, tight=True):
     import matplotlib.pyplot as plt
     noise = results.get("config", {}).get("LABEL_NOISE", LABEL_NOISE)
     fig.suptitle(f"{title} on MNIST-1D with {noise:.0%} label noise", fontsize=15)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    if tight:
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=FIGURE_DPI))
     plt.close(fig)
@@ -2335,11 +2418,57 @@ def plot_layers(results, path):
                  path)
 
 
+def _log_edges(centres):
+    """Cell edges for points on a log axis: geometric midpoints, the outer cells as wide
+    (in log) as their neighbours."""
+    c = np.log(np.asarray(centres, dtype=float))
+    if len(c) == 1:
+        return np.exp([c[0] - 0.5, c[0] + 0.5])
+    mids = (c[1:] + c[:-1]) / 2
+    return np.exp(np.concatenate([[2 * c[0] - mids[0]], mids, [2 * c[-1] - mids[-1]]]))
+
+
+def plot_width_epoch(results, path):
+    """The third figure (Nakkiran et al. 2020, Figure 1): Exp 1's test error over width and
+    training epoch, one heatmap per configuration on one colour scale; a row read across is
+    epoch-wise, a column read up is model-wise double descent. Written atomically to
+    `path`."""
+    import matplotlib.ticker
+    fig, axes = _figure(1, 4, (21, 5.4))
+    fig.subplots_adjust(left=0.04, right=0.91, bottom=0.13, top=0.83, wspace=0.22)
+    exp1 = results.get("exp1") or {}
+    drawn = [(ax, name, exp1[name]) for ax, name in zip(axes, CONFIG_STYLE)
+             if exp1.get(name, {}).get("curves", {}).get("epoch")]
+    for ax, name in zip(axes, CONFIG_STYLE):
+        if all(ax is not a for a, _, _ in drawn):
+            _not_run(ax, f"Test error over width and epoch: {name.replace('_', ' + ')}")
+    errors = [_values(np.ravel(series["curves"]["test_err"])) for _, _, series in drawn]
+    top = max([np.nanmax(e) for e in errors if np.isfinite(e).any()], default=1.0)
+    image = None
+    for ax, name, series in drawn:
+        epochs, widths = series["curves"]["epoch"], series["width"]
+        test_err = np.array([_values(row) for row in series["curves"]["test_err"]])
+        image = ax.pcolormesh(_log_edges(epochs), _log_edges(widths), test_err,
+                              cmap="viridis", vmin=0, vmax=top, shading="flat")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_yticks(widths, [str(w) for w in widths])
+        ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel("Width w")
+        ax.set_title(f"Test error: {name.replace('_', ' + ')}")
+    if image is not None:
+        fig.colorbar(image, cax=fig.add_axes((0.925, 0.13, 0.01, 0.70)), label="Test error")
+    _save_figure(fig, results, "Model-wise and epoch-wise double descent as one surface "
+                 "(Exp 1)", path, tight=False)
+
+
 # ----------------------------------------------------------------------------------------
 # 8. Command line
 # ----------------------------------------------------------------------------------------
 RESULTS_NAME = "neural_collapse_cka_results"
 LAYERS_NAME = "neural_collapse_layers"
+WIDTH_EPOCH_NAME = "neural_collapse_width_epoch"
 DRIVERS = {1: run_model_wise_complete, 2: run_epoch_wise_dynamics, 3: run_generalized_nc,
            4: run_cka_experiment}
 
@@ -2536,7 +2665,9 @@ def estimate_group_seconds(groups, device):
     a process spends before its first step (first kernels, oneDNN's set-up): its training
     steps at the probed step time, plus its models' analysis (two passes over the training
     set and one over the test set, each input at a third of its share of a training step)
-    and the same for every checkpoint. Groups of the same models are probed once."""
+    and, for every checkpoint, a pass over both sets (Exp 1's learning curves need no
+    more; what Exp 2's measure adds is left out, small beside its hours of training).
+    Groups of the same models are probed once."""
     n_train, n_test = _dataset_sizes()
     steps = -(-n_train // BATCH_SIZE)
     probed, seconds, first_use = {}, [], 0.0
@@ -2553,7 +2684,7 @@ def estimate_group_seconds(groups, device):
             forward = step / 3 / len(group) / BATCH_SIZE  # one input through one model
             fixed = ANALYSIS_IMPORTS * _IMPORT_SECONDS
             analysis = (2 * n_train + n_test) * forward + fixed
-            checkpoint = (n_train + n_test) * forward + fixed
+            checkpoint = (n_train + n_test) * forward
             seconds.append(group[0]["epochs"] * steps * step
                            + len(group) * (analysis + checkpoint
                                            * len(group[0].get("checkpoints", ()))))
@@ -2685,7 +2816,7 @@ def run_study(experiments, out_dir, device, preset, log=print, env=None, estimat
     json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
     save_json(json_path, results)
     figures = draw_figures(results, out_dir)
-    log(f"wrote {json_path}, {' and '.join(map(os.path.basename, figures))} in "
+    log(f"wrote {json_path}, {', '.join(map(os.path.basename, figures))} in "
         f"{_duration(walls['total'])}")
     return results
 
@@ -2777,11 +2908,12 @@ def collect_study(experiments, out_dir, preset, log=print):
 
 
 def draw_figures(results, out_dir):
-    """Both figures of `results` into `out_dir`; returns their paths."""
-    paths = [os.path.join(out_dir, RESULTS_NAME + ".png"),
-             os.path.join(out_dir, LAYERS_NAME + ".png")]
+    """The three figures of `results` into `out_dir`; returns their paths."""
+    paths = [os.path.join(out_dir, name + ".png")
+             for name in (RESULTS_NAME, LAYERS_NAME, WIDTH_EPOCH_NAME)]
     plot_results(results, paths[0])
     plot_layers(results, paths[1])
+    plot_width_epoch(results, paths[2])
     return paths
 
 
@@ -2906,7 +3038,7 @@ def main(argv=None):
             out_dir = args.out if "--out" in argv else os.path.dirname(
                 os.path.abspath(args.plot_only))
             _writable_dir(out_dir)
-            print("wrote " + " and ".join(draw_figures(results, out_dir)))
+            print("wrote " + ", ".join(draw_figures(results, out_dir)))
             return 0
         experiments = _parse_experiments(args.experiments)
         settings = dict(PRESETS[args.preset])

@@ -19,6 +19,14 @@ one thread, and prints the most that two one-thread worker processes could gain 
 plain way if they split the work perfectly: sum(plain, all threads) / (sum(groups) / 2).
 
     python tests/benchmark.py --bound
+
+With --curves, it prices Exp 1's learning curves: each of Exp 1's groups (as this device
+forms them, at the script's settings) trains --epochs epochs with a checkpoint evaluation
+after every epoch, on one thread on a CPU as in a worker; the time spent evaluating over
+the time spent training, scaled to MODEL_WISE_POINTS evaluations in EPOCHS_MODEL_WISE
+epochs, is what the curves add to Exp 1's training time.
+
+    python tests/benchmark.py --curves --epochs 2
 """
 import argparse
 import os
@@ -149,6 +157,34 @@ def ours_graphed(specs, data, epochs, device):
         ncc.CUDA_GRAPHS = False
 
 
+def curves_cost(data, epochs):
+    setup = ncc.model_wise_setup()
+    groups = ncc.fused_groups(setup["specs"], data["x_train"].device.type)
+    print(f"Exp 1: {len(setup['specs'])} models in {len(groups)} groups, "
+          f"{len(setup['grid'])} evaluations in {setup['epochs']} epochs; timing {epochs} "
+          f"epochs of each group with an evaluation after every one", flush=True)
+    training = evaluating = 0.0
+    for group in groups:
+        models = [ncc.make_model(s["arch"], s["width"], 0) for s in group]
+        spent = [0.0]
+
+        def measure(g, model, epoch):
+            start = time.perf_counter()
+            ncc.model_wise_measure(group[g], model, epoch, data)
+            spent[0] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        ncc.train_models(models, data, [s["optimizer"] for s in group], epochs,
+                         list(range(len(group))), range(1, epochs + 1), measure)
+        training += time.perf_counter() - start - spent[0]
+        evaluating += spent[0]
+    share = (evaluating / epochs * len(setup["grid"])) / (training / epochs * setup["epochs"])
+    print(f"one epoch of every group: training {training / epochs:.2f} s, evaluating "
+          f"{evaluating / epochs:.2f} s ({evaluating / training:.1%} of an epoch)")
+    print(f"learning curves cost {share:.2%} of Exp 1's training time "
+          f"({len(setup['grid'])} evaluations over {setup['epochs']} epochs)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=5)
@@ -156,6 +192,8 @@ def main():
     p.add_argument("--widths", default=",".join(map(str, ncc.WIDTHS)))
     p.add_argument("--bound", action="store_true",
                    help="CPU: time each model alone and print the two-worker upper bound")
+    p.add_argument("--curves", action="store_true",
+                   help="the cost of Exp 1's learning curves against its training")
     p.add_argument("--repeats", type=int, default=1,
                    help="time both ways this many times, alternating which goes first, and "
                         "print each round's speed-up and their median (a shared machine's "
@@ -166,6 +204,9 @@ def main():
     data = ncc.get_data(device=device)
     if args.bound:
         return bound(widths, data)
+    if args.curves:
+        with ncc.torch_threads(1 if device.type == "cpu" else torch.get_num_threads()):
+            return curves_cost(data, args.epochs)
     specs = [{"arch": a, "optimizer": o, "width": w, "epochs": args.epochs}
              for a in ("ResNet", "CNN") for o in ("SGD", "Adam") for w in widths]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

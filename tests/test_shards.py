@@ -1,5 +1,5 @@
-"""One study over many processes: --shard I/N, --collect and --plan, the README's recipes
-(background processes, the GPUs of one box, a SLURM job array), and records that survive
+"""One study over many processes: --shard I/N, --collect and --plan, the recipes of
+docs/running.md (background processes, the GPUs of one box, a SLURM job array), and records that survive
 kills and corruption. Every sharded study is checked number for number against an
 unsharded run of the same settings."""
 import json
@@ -36,13 +36,13 @@ def results_of(out):
 
 
 def readme_recipe(title, replacements):
-    """The README's code block that starts with '# Recipe: <title>', with each
-    (old, new) replaced; every `old` must be there, so the test follows the README."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    """The code block of docs/running.md that starts with '# Recipe: <title>', with each
+    (old, new) replaced; every `old` must be there, so the test follows the document."""
+    readme = open(os.path.join(ROOT, "docs", "running.md")).read()
     blocks = re.findall(r"```bash\n(# Recipe: .*?)```", readme, re.S)
     (block,) = [b for b in blocks if b.startswith(f"# Recipe: {title}")]
     for old, new in replacements:
-        assert old in block, f"the README recipe {title!r} no longer has {old!r}"
+        assert old in block, f"the recipe {title!r} no longer has {old!r}"
         block = block.replace(old, new)
     return block
 
@@ -53,7 +53,7 @@ def run_recipe(script, timeout=600):
 
 
 def run_smoke_recipe(title, out, data_dir, replacement, timeout=600):
-    """Run the README's recipe `title` on the smoke preset into `out`, with one more
+    """Run the recipe `title` on the smoke preset into `out`, with one more
     (old, new) replacement (the shard count); it must succeed."""
     script = readme_recipe(title, [
         ("OUT=results", f"OUT={out}"),
