@@ -20,6 +20,8 @@ References
         revisited", ICML 2019.
     Nakkiran et al., "Deep double descent", ICLR 2020.
     Greydanus, "Scaling down deep learning" (MNIST-1D), 2020.
+    Galanti, Gyorgy & Hutter, "On the role of neural collapse in transfer learning", ICLR
+        2022 (CDNV).
     Rangamani, Lindegaard, Galanti & Poggio, "Feature learning in deep classifiers through
         intermediate neural collapse", ICML 2023.
     Song, Smola, Gretton, Bedo & Borgwardt, "Feature selection via dependence maximization",
@@ -40,7 +42,9 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -458,8 +462,22 @@ def nc4_ncc_mismatch(h, means, classes, network_decision):
     return float(np.mean(np.asarray(network_decision) != nearest))
 
 
-NC_NAMES = ["nc1", "nc1_pinv", "nc2", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"]
-LAYER_NC_NAMES = ["nc1", "nc1_pinv", "nc4"]
+def cdnv(h, y, means, classes):
+    """Class-distance normalised variance (Galanti, Gyorgy & Hutter, ICLR 2022): the mean
+    over class pairs i < j of (Var_i + Var_j) / (2 ||mu_i - mu_j||^2), Var_k the mean
+    squared distance of class k's features to its mean mu_k. 0 at collapse."""
+    variances = np.array([np.mean(np.sum((h[y == k] - mu) ** 2, axis=1))
+                          for k, mu in zip(classes, means)])
+    i, j = np.triu_indices(len(classes), k=1)
+    sq_distances = np.sum((means[i] - means[j]) ** 2, axis=1)
+    if sq_distances.min() <= np.finfo(np.float64).tiny:
+        warnings.warn("CDNV: two class means coincide; returning NaN")
+        return float("nan")
+    return float(np.mean((variances[i] + variances[j]) / (2 * sq_distances)))
+
+
+NC_NAMES = ["nc1", "nc1_pinv", "cdnv", "nc2", "nc2_equinorm", "nc2_equiangle", "nc3", "nc4"]
+LAYER_NC_NAMES = ["nc1", "nc1_pinv", "cdnv", "nc4"]
 
 
 def _class_statistics(h, y, num_classes, what):
@@ -485,7 +503,8 @@ def _labels(labels):
 def nc_metrics(features, labels, classifier_weight, num_classes=NUM_CLASSES):
     """NC1-NC4 of penultimate features (n, d) with labels (n,) and classifier W (K, d).
 
-    Returns floats nc1 (trace ratio), nc1_pinv, nc2, nc2_equinorm, nc2_equiangle, nc3, nc4.
+    Returns floats nc1 (trace ratio), nc1_pinv, cdnv, nc2, nc2_equinorm, nc2_equiangle,
+    nc3, nc4.
     A class without samples is left out with a warning: every metric is then computed over
     the classes present (K' of them, using the matching rows of W); fewer than two classes
     present gives NaN throughout. d < K-1 is allowed: the values are finite, but an ETF of
@@ -503,6 +522,7 @@ def nc_metrics(features, labels, classifier_weight, num_classes=NUM_CLASSES):
     nc2, equinorm, equiangle = nc2_metrics(centred_means)
     return {"nc1": nc1_trace_ratio(sigma_w, sigma_b),
             "nc1_pinv": nc1_pinv(sigma_w, sigma_b, len(classes)),
+            "cdnv": cdnv(h, y, means, classes),
             "nc2": nc2, "nc2_equinorm": equinorm, "nc2_equiangle": equiangle,
             "nc3": nc3_self_duality(w, centred_means),
             "nc4": nc4_ncc_mismatch(h, means, classes, classes[np.argmax(h @ w.T, axis=1)])}
@@ -510,7 +530,7 @@ def nc_metrics(features, labels, classifier_weight, num_classes=NUM_CLASSES):
 
 def layer_nc_metrics(features, labels, network_decision, num_classes=NUM_CLASSES):
     """Neural collapse of an intermediate layer (Rangamani et al., ICML 2023): NC1 (both
-    forms) of the layer's features (n, p) with labels (n,), and NC4 as the fraction of
+    forms) and CDNV of the layer's features (n, p) with labels (n,), and NC4 as the fraction of
     samples whose nearest class mean *in this layer* differs from the network's final
     decision `network_decision` (n,) (class labels). NC2 and NC3 need the classifier, which
     acts on the last layer only, so they are not defined here."""
@@ -525,6 +545,7 @@ def layer_nc_metrics(features, labels, network_decision, num_classes=NUM_CLASSES
     classes, means, _, sigma_w, sigma_b = stats
     return {"nc1": nc1_trace_ratio(sigma_w, sigma_b),
             "nc1_pinv": nc1_pinv(sigma_w, sigma_b, len(classes)),
+            "cdnv": cdnv(h, y, means, classes),
             "nc4": nc4_ncc_mismatch(h, means, classes, decision)}
 
 
@@ -1266,6 +1287,49 @@ def _first_line(error):
     return f"{type(error).__name__}: {text[0][:120] if text else ''}"
 
 
+@functools.lru_cache(maxsize=None)
+def _code_identity():
+    """(sha256 of this script, its git commit or None, whether the script differs from that
+    commit or None): asked of git once per process, never of a network."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    here, name = os.path.split(os.path.abspath(__file__))
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                              timeout=20)
+        return done.stdout.strip() if done.returncode == 0 else None
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = None if commit is None else bool(git("status", "--porcelain", "--", name))
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return sha256, commit, dirty
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device_type):
+    """Which code, command and machine made a result: the script's sha256 and git commit
+    (git_dirty: the script has changes the commit lacks), the command line, torch and
+    numpy versions, the CPU's model name and the GPU's. Kept in the results JSON and in
+    every record, never in a record's key: it cannot change a number."""
+    sha256, commit, dirty = _code_identity()
+    return {"script_sha256": sha256, "git_commit": commit, "git_dirty": dirty,
+            "command": shlex.join(["python", *sys.argv]), "torch": torch.__version__,
+            "numpy": np.__version__, "cpu": cpu_name(),
+            "gpu": torch.cuda.get_device_name() if device_type == "cuda" else None}
+
+
 # Set by `collect_study` alone: records are looked up under this device type (the shards'),
 # whatever device this process has, and nothing is ever trained.
 _COLLECT_FROM = None
@@ -1568,6 +1632,7 @@ class ModelRuns:
     def _store(self, spec, record, model):
         """Save a finished model's record and weights (when there is a records_dir), report
         it, and return the record as it reads back from JSON."""
+        record = {**record, "provenance": provenance(self.device_type)}
         if self.records_dir:
             json_path, weights_path = self._paths(spec)
             state = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -1877,7 +1942,7 @@ def log_spaced_epochs(epochs, points):
         count += points - len(grid)
 
 
-CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_all"]
+CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_weighted"]
 
 
 def epoch_wise_setup(epochs=None, widths=None, replicates=None):
@@ -1900,7 +1965,7 @@ def epoch_wise_measure(spec, model, epoch, data):
     scores, spectra = evaluate(model, data), model_esd(model)
     return {"epoch": epoch, "train_err": scores["train_err"], "test_err": scores["test_err"],
             "nc1": scores["nc_train"]["nc1"], "alpha": spectra["alpha"],
-            "alpha_all": spectra["alpha_all"]}
+            "alpha_weighted": spectra["alpha_weighted"]}
 
 
 def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=None,
@@ -1908,7 +1973,8 @@ def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=No
     """Exp 2, epoch-wise double descent: ResNet-1D at a "critical" and a "large" width, Adam,
     `replicates` models each; at log-spaced epochs, the mean over replicates of train/test
     error, NC1 (training set) and the layer-averaged power-law alpha of the weight spectra
-    ("alpha": layers with enough eigenvalues for a reliable fit; "alpha_all": every layer),
+    ("alpha": layers with enough eigenvalues for a reliable fit; "alpha_weighted": every
+    layer, weighted by the precision of its fit),
     with every replicate's values under "replicates"."""
     setup = epoch_wise_setup(epochs, widths, replicates)
     widths, grid = setup["widths"], setup["grid"]
@@ -1984,13 +2050,28 @@ def layer_collapse(model, data):
     return {layer: layer_nc_metrics(rep, labels, decision) for layer, rep in zip(LAYERS, reps)}
 
 
+def precision_weighted_alpha(fits):
+    """The mean of the fits' alpha weighted by each fit's precision: the maximum-likelihood
+    alpha of a tail of n values has standard error (alpha - 1) / sqrt(n) (Clauset, Shalizi &
+    Newman 2009, eq. 3.2), so weight n / (alpha - 1)^2. A fit of alpha = 674 on a 3-value
+    tail then weighs 1e-5 against 10 for alpha = 3 on 40 values, where a plain mean over
+    the fits would be dominated by it. NaN without a finite fit."""
+    fits = [f for f in fits if np.isfinite(f["alpha"]) and f["num_tail"] > 0]
+    if not fits:
+        return float("nan")
+    alpha = np.array([f["alpha"] for f in fits])
+    weight = np.array([f["num_tail"] for f in fits]) / (alpha - 1) ** 2
+    return float(np.sum(weight * alpha) / np.sum(weight))
+
+
 def model_esd(model):
     """`esd_metrics` of every conv and linear weight of `model` and two layer averages of
-    alpha: "alpha" over the fits with at least ESD_MIN_EVALS eigenvalues (NaN if none) and
-    "alpha_all" over every fit."""
+    alpha: "alpha" the mean over the fits with at least ESD_MIN_EVALS eigenvalues (NaN if
+    none) and "alpha_weighted" over every fit, each weighted by its precision
+    (`precision_weighted_alpha`)."""
     layers = {name: esd_metrics(p) for name, p in model.named_parameters() if p.dim() >= 2}
     return {"alpha": _nanmean([m["alpha"] for m in layers.values() if m["reliable"]]),
-            "alpha_all": _nanmean([m["alpha"] for m in layers.values()]),
+            "alpha_weighted": precision_weighted_alpha(layers.values()),
             "reliable_layers": sum(m["reliable"] for m in layers.values()),
             "layers": layers}
 
@@ -2364,20 +2445,20 @@ def _width_axis(ax, widths):
 
 def _plot_alpha(ax, title, curves, by_width):
     """Layer-averaged power-law alpha: one (label, x, spectra, replicates of alpha, color,
-    marker) per curve, where spectra holds "alpha" (solid) and "alpha_all" (dotted); x is
-    the width (by_width) or the epoch."""
+    marker) per curve, where spectra holds "alpha" (solid) and "alpha_weighted" (dotted;
+    results of older versions lack it); x is the width (by_width) or the epoch."""
     if not curves:
         return _not_run(ax, title)
     reliable = [np.nan]
     for label, x, spectra, replicates, color, marker in curves:
         ax.plot(x, _values(spectra["alpha"]), marker=marker, ms=4, color=color, label=label)
         _band(ax, x, replicates, color)
-        ax.plot(x, _values(spectra["alpha_all"]), ls=":", lw=1, color=color)
+        if "alpha_weighted" in spectra:
+            ax.plot(x, _values(spectra["alpha_weighted"]), ls=":", lw=1, color=color)
         reliable += [v for r in (replicates or []) for v in _values(r)]
     clipped = np.isfinite(reliable).any()
     if clipped:
-        # a fit on a handful of eigenvalues can give alpha in the hundreds: scale the axis to
-        # the reliable fits and let the dotted curves leave it
+        # scale the axis to the reliable fits; the dotted curves may leave it
         ax.set_ylim(0, max(6.0, 1.2 * np.nanmax(reliable)))
     else:
         ax.text(0.5, 0.5, f"no weight has {ESD_MIN_EVALS} eigenvalues:\nno reliable fit",
@@ -2390,8 +2471,8 @@ def _plot_alpha(ax, title, curves, by_width):
     ax.set_ylabel("Layer-averaged α")
     ax.set_title(title)
     ax.legend(fontsize=7, title=f"solid: weights with ≥ {ESD_MIN_EVALS} eigenvalues\n"
-                                "dotted: every weight (unreliable fits"
-                                + ("; clipped)" if clipped else ")"), title_fontsize=7)
+                                "dotted: every weight, by precision of fit"
+                                + (" (clipped)" if clipped else ""), title_fontsize=7)
 
 
 def plot_layers(results, path):
@@ -2562,8 +2643,8 @@ def environment(device):
             "torch_threads": torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                           else platform.processor() or platform.machine())
-    return info
+                           else cpu_name())
+    return {**info, "provenance": provenance(device.type)}
 
 
 def _package_version(name):
@@ -3014,7 +3095,6 @@ def _check_modes(args):
 def _command_without(argv, flag, takes_value):
     """The command line of this run without `flag` (and its value), for the hint a shard
     prints about collecting."""
-    import shlex
     words, skip = [], False
     for word in argv:
         if skip:

@@ -55,9 +55,13 @@ def test_smoke_run_writes_figure_and_results_with_the_spec_layout(smoke_run):
     assert results["config"]["REPLICATES"] == 2 and series["replicate_count"] == 2
     assert [len(v) for v in series["replicates"]["test_err"]] == [2, 2]
     assert set(series["per_layer"]) == {"L0", "L1", "L2", "L3"}
-    assert set(series["per_layer"]["L1"]) == {"nc1", "nc1_pinv", "nc4"}
-    assert {"alpha", "alpha_all", "layers"} <= set(series["esd"])
-    assert {"alpha", "alpha_all"} <= set(results["exp2"]["large"])
+    assert set(series["per_layer"]["L1"]) == {"nc1", "nc1_pinv", "cdnv", "nc4"}
+    assert (out / "neural_collapse_width_epoch.png").read_bytes()[:8] == png[:8]
+    assert len(series["curves"]["test_err"]) == 2  # widths 2 and 4
+    provenance = results["env"]["provenance"]
+    assert provenance["command"].endswith("--preset smoke --out " + str(out))
+    assert {"alpha", "alpha_weighted", "layers"} <= set(series["esd"])
+    assert {"alpha", "alpha_weighted"} <= set(results["exp2"]["large"])
     assert (results["exp4"]["estimator"], results["exp4"]["cka_conv"]) == ("linear", "pool")
 
 

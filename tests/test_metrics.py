@@ -45,7 +45,7 @@ def test_exact_simplex_etf_gives_zero_for_every_nc(d):
     # offset would tilt W h and NC4 is only 0 for centred collapse (Papyan et al. 2020)
     h = etf[y]
     m = ncc.nc_metrics(h, y, 3.0 * etf)                 # W proportional to M
-    for key in NC_KEYS:
+    for key in NC_KEYS + ["cdnv"]:
         assert abs(m[key]) <= 1e-10, (key, m[key])
 
 

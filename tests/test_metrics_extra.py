@@ -183,3 +183,47 @@ def test_spectral_norm_and_stable_rank():
     assert ncc.esd_metrics(5.0 * w)["alpha"] == pytest.approx(m["alpha"], rel=1e-10)
     with pytest.raises(ValueError, match="out, in"):
         ncc.weight_eigenvalues(np.zeros(4))
+
+
+def test_cdnv_closed_form_two_classes_in_one_dimension():
+    # class 0 at -1 and +1 (mean 0, variance 1), class 1 at 9 and 11 (mean 10, variance 1):
+    # (1 + 1) / (2 * 10^2) = 0.01
+    h = np.array([[-1.0], [1.0], [9.0], [11.0]])
+    y = np.array([0, 0, 1, 1])
+    assert ncc.layer_nc_metrics(h, y, y, num_classes=2)["cdnv"] == pytest.approx(0.01, abs=1e-15)
+    w = np.array([[-1.0], [1.0]])
+    assert ncc.nc_metrics(h, y, w, num_classes=2)["cdnv"] == pytest.approx(0.01, abs=1e-15)
+
+
+def test_cdnv_matches_a_loop_over_class_pairs_and_is_zero_at_collapse():
+    rng = np.random.default_rng(3)
+    K, d, n = 5, 7, 300
+    y = rng.integers(0, K, n)
+    h = rng.normal(size=(K, d))[y] * 3 + rng.normal(size=(n, d))
+    expected = []
+    for i in range(K):
+        for j in range(i + 1, K):
+            hi, hj = h[y == i], h[y == j]
+            var_i = np.mean(np.sum((hi - hi.mean(0)) ** 2, axis=1))
+            var_j = np.mean(np.sum((hj - hj.mean(0)) ** 2, axis=1))
+            expected.append((var_i + var_j) / (2 * np.sum((hi.mean(0) - hj.mean(0)) ** 2)))
+    got = ncc.layer_nc_metrics(h, y, y, num_classes=K)["cdnv"]
+    assert got == pytest.approx(np.mean(expected), rel=1e-13)
+    # every sample on its class mean: no within-class variance
+    means = rng.normal(size=(K, d))
+    assert ncc.layer_nc_metrics(means[y], y, y, num_classes=K)["cdnv"] <= 1e-25
+
+
+def test_precision_weighted_alpha_weighs_each_fit_by_its_tail_over_its_spread():
+    fits = [{"alpha": 3.0, "num_tail": 40}, {"alpha": 674.0, "num_tail": 3},
+            {"alpha": float("nan"), "num_tail": 0}]
+    w = [40 / 2.0 ** 2, 3 / 673.0 ** 2]
+    expected = (w[0] * 3.0 + w[1] * 674.0) / (w[0] + w[1])
+    assert ncc.precision_weighted_alpha(fits) == pytest.approx(expected, rel=1e-15)
+    assert abs(ncc.precision_weighted_alpha(fits) - 3.0) < 0.001  # the plain mean: 338.5
+    assert np.isnan(ncc.precision_weighted_alpha(fits[2:]))
+    esd = ncc.model_esd(ncc.make_model("ResNet", 8, seed=0))
+    layers = [m for m in esd["layers"].values() if np.isfinite(m["alpha"])]
+    weights = [m["num_tail"] / (m["alpha"] - 1) ** 2 for m in layers]
+    assert esd["alpha_weighted"] == pytest.approx(
+        sum(w * m["alpha"] for w, m in zip(weights, layers)) / sum(weights), rel=1e-12)

@@ -47,7 +47,7 @@ def test_exp2_and_exp3_curves_are_means_over_replicates(tiny):
     reps = np.array(large["replicates"]["test_err"])
     assert reps.shape == (3, 2)
     assert large["test_err"] == pytest.approx(reps.mean(1).tolist())
-    assert {"alpha", "alpha_all"} <= set(large) and len(large["alpha_all"]) == 3
+    assert {"alpha", "alpha_weighted"} <= set(large) and len(large["alpha_weighted"]) == 3
     exp3 = ncc.run_generalized_nc(epochs=1, dims=[2, 9], width=3, replicates=3, log=None)
     assert np.array(exp3["replicates"]["nc2"]).shape == (2, 3)
     assert exp3["nc2"] == pytest.approx(np.mean(exp3["replicates"]["nc2"], axis=1).tolist())
@@ -93,7 +93,7 @@ def test_model_esd_fits_every_weight_and_averages_the_reliable_ones():
         ncc.powerlaw_alpha(ncc.weight_eigenvalues(conv))["alpha"])
     narrow = ncc.model_esd(ncc.make_model("ResNet", 4, seed=0))   # 12 eigenvalues at most
     assert narrow["reliable_layers"] == 0 and np.isnan(narrow["alpha"])
-    assert np.isfinite(narrow["alpha_all"])
+    assert np.isfinite(narrow["alpha_weighted"])
 
 
 def test_exp4_estimator_and_conv_settings_are_used_and_recorded(tiny):
