@@ -1383,6 +1383,15 @@ class ModelRuns:
     def groups(self, specs):
         return fused_groups(specs, self.device_type)
 
+    def stored_record(self, spec):
+        """The JSON record a finished model left, or None (no weights are loaded)."""
+        json_path = self._paths(spec)[0] if self.records_dir else None
+        try:
+            with open(json_path) as f:
+                return json.load(f)
+        except (TypeError, OSError, ValueError):
+            return None
+
     def load(self, spec, keep_model=False):
         """(record, model or None) of a finished model, or None when it has no readable
         record: none yet, or one that a crash, a full disk or a shared filesystem left
@@ -1774,18 +1783,26 @@ def _transpose(trees):
     return list(trees)
 
 
-def _replicate_mean(tree):
+def _nanstd(values):
+    """Sample standard deviation (ddof 1) of the finite values; NaN for fewer than two."""
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
+
+
+def _over_replicates(tree, statistic):
     if isinstance(tree, dict):
-        return {key: _replicate_mean(value) for key, value in tree.items()}
-    return [_nanmean(replicates) for replicates in tree]
+        return {key: _over_replicates(value, statistic) for key, value in tree.items()}
+    return [statistic(replicates) for replicates in tree]
 
 
 def _summarise(points):
     """points: for each point of a sweep (a width, a d, an epoch), one nested dict of floats
-    per replicate. Returns the mean over replicates under every name, and each replicate's
-    own values under "replicates" (lists over points of lists over replicates)."""
+    per replicate. Returns the mean over replicates under every name, their sample standard
+    deviation under "std" (NaN below two replicates), and each replicate's own values under
+    "replicates" (lists over points of lists over replicates)."""
     per_replicate = _transpose([_transpose(replicates) for replicates in points])
-    return {**_replicate_mean(per_replicate), "replicates": per_replicate}
+    return {**_over_replicates(per_replicate, _nanmean),
+            "std": _over_replicates(per_replicate, _nanstd), "replicates": per_replicate}
 
 
 def _chunks(records, size):
@@ -2210,17 +2227,28 @@ def _not_run(ax, what):
 
 
 def _band(ax, x, replicates, color):
-    """Shade the min-max range over replicates (a list over points of lists over
-    replicates), where some point has more than one finite value."""
+    """Shade the spread over replicates (a list over points of lists over replicates):
+    the mean +- one sample standard deviation where a point has three or more finite
+    values, the min-max range where it has two (`_band_name` names it)."""
     if not replicates:
         return
     per_point = [_values(r) for r in replicates]
     per_point = [v[np.isfinite(v)] for v in per_point]
     if max(len(v) for v in per_point) < 2:
         return
-    low = [v.min() if len(v) else np.nan for v in per_point]
-    high = [v.max() if len(v) else np.nan for v in per_point]
+    low, high = [], []
+    for v in per_point:
+        if len(v) >= 3:
+            low.append(v.mean() - v.std(ddof=1))
+            high.append(v.mean() + v.std(ddof=1))
+        else:
+            low.append(v.min() if len(v) else np.nan)
+            high.append(v.max() if len(v) else np.nan)
     ax.fill_between(x, low, high, color=color, alpha=0.2, lw=0)
+
+
+def _band_name(replicates):
+    return "bands: mean ± 1 std" if replicates >= 3 else "bands: min-max"
 
 
 def _replicates_of(series, *path):
@@ -2370,7 +2398,8 @@ def _run_summary(results):
              f"CKA           {config.get('CKA_ESTIMATOR', 'linear')}, "
              f"convs {config.get('CKA_CONV', 'pool')}",
              f"Replicates    {config.get('REPLICATES', 1)}"
-             + (" (bands: min-max)" if config.get("REPLICATES", 1) > 1 else ""),
+             + (f" ({_band_name(config.get('REPLICATES', 1))})"
+                if config.get("REPLICATES", 1) > 1 else ""),
              f"Run           {', '.join(run) or 'none'}",
              *[f"{'Wall time' if i == 0 else '':<14}{k} {_duration(v)}"
                for i, (k, v) in enumerate(walls.items())],
@@ -2550,6 +2579,7 @@ def plot_width_epoch(results, path):
 RESULTS_NAME = "neural_collapse_cka_results"
 LAYERS_NAME = "neural_collapse_layers"
 WIDTH_EPOCH_NAME = "neural_collapse_width_epoch"
+MODELS_NAME = "neural_collapse_cka_models"
 DRIVERS = {1: run_model_wise_complete, 2: run_epoch_wise_dynamics, 3: run_generalized_nc,
            4: run_cka_experiment}
 
@@ -2896,10 +2926,59 @@ def run_study(experiments, out_dir, device, preset, log=print, env=None, estimat
     walls["total"] = time.time() - start
     json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
     save_json(json_path, results)
+    table = write_model_table(experiments, os.path.join(out_dir, "records"),
+                              _COLLECT_FROM or device.type,
+                              os.path.join(out_dir, MODELS_NAME + ".csv"))
     figures = draw_figures(results, out_dir)
-    log(f"wrote {json_path}, {', '.join(map(os.path.basename, figures))} in "
-        f"{_duration(walls['total'])}")
+    log(f"wrote {json_path}, {os.path.basename(table)}, "
+        f"{', '.join(map(os.path.basename, figures))} in {_duration(walls['total'])}")
     return results
+
+
+NC_COLUMNS = ["nc1", "nc1_pinv", "cdnv", "nc2", "nc3", "nc4"]
+MODEL_COLUMNS = (["experiment", "architecture", "optimizer", "width", "d", "replicate", "seed",
+                  "parameters", "epochs", "epochs_run", "train_err", "test_err", "train_loss",
+                  "test_loss"]
+                 + [f"{name}_{split}" for split in ("train", "test") for name in NC_COLUMNS]
+                 + [f"nc1_{layer}" for layer in LAYERS]
+                 + ["alpha", "alpha_weighted", "seconds", "diverged"])
+
+
+def model_row(experiment, record):
+    """A trained model's line of the per-model table, from its record: NC metrics on the
+    training set (noisy labels) and the test set, NC1 of every layer (training set)."""
+    row = {"experiment": experiment, "architecture": record["arch"],
+           "optimizer": record["optimizer"], "width": record["width"], "d": record.get("d"),
+           "replicate": record.get("replicate", 0), "seed": record["seed"],
+           "parameters": record["params"], "epochs": record["epochs"],
+           "seconds": record["seconds"], "diverged": record["diverged"]}
+    for name in ("epochs_run", "train_err", "test_err", "train_loss", "test_loss"):
+        row[name] = record[name]
+    for split in ("train", "test"):
+        row.update({f"{name}_{split}": record[f"nc_{split}"].get(name) for name in NC_COLUMNS})
+    row.update({f"nc1_{layer}": record["per_layer"][layer]["nc1"] for layer in LAYERS})
+    row.update(alpha=record["esd"]["alpha"], alpha_weighted=record["esd"].get("alpha_weighted"))
+    return row
+
+
+def write_model_table(experiments, records_dir, device_type, path):
+    """One CSV row per trained model of `experiments` (`MODEL_COLUMNS`), from the records
+    this configuration left under `records_dir`; an empty cell is a value that is NaN or
+    does not apply (d outside Exp 3). Returns `path`."""
+    import csv
+    import io
+    text = io.StringIO()
+    writer = csv.DictWriter(text, MODEL_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for number in experiments:
+        runs = ModelRuns(f"exp{number}", None, records_dir, None, device_type)
+        for spec in SETUPS[number]()["specs"]:
+            record = runs.stored_record(spec)
+            if record is not None:
+                writer.writerow({key: "" if value is None else value
+                                 for key, value in model_row(f"exp{number}", record).items()})
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+    return path
 
 
 def _shard_marker(records_dir, count, experiments):

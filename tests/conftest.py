@@ -1,3 +1,4 @@
+import csv
 import os
 import sys
 
@@ -33,6 +34,13 @@ def saved_records(folder):
     """The finished records in a records folder (pathlib's glob also matches the writer's
     hidden temporary files, which a stop or a kill may catch mid-write)."""
     return [p for p in folder.glob("*.json") if not p.name.startswith(".")]
+
+
+def model_table(out, without=("seconds",)):
+    """The rows of a run's per-model CSV as dicts, without the wall-time column."""
+    with open(out / "neural_collapse_cka_models.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in without}
+                for row in csv.DictReader(f)]
 
 
 SLOW_SMOKE = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4"]

@@ -9,7 +9,9 @@ import time
 
 import pytest
 import torch
-from conftest import SLOW_SMOKE, saved_records
+
+import neural_collapse_cka as ncc
+from conftest import SLOW_SMOKE, model_table, saved_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "neural_collapse_cka.py")
@@ -31,6 +33,7 @@ def numbers_only(results):
         for series in [results[exp]] if exp == "exp3" else results[exp].values():
             series.pop("seconds", None)
             series["replicates"].pop("seconds", None)
+            series.get("std", {}).pop("seconds", None)
     return results
 
 
@@ -60,6 +63,22 @@ def test_smoke_run_writes_figure_and_results_with_the_spec_layout(smoke_run):
     assert len(series["curves"]["test_err"]) == 2  # widths 2 and 4
     provenance = results["env"]["provenance"]
     assert provenance["command"].endswith("--preset smoke --out " + str(out))
+    # the per-model table: one row per model, its values those of the JSON
+    rows = model_table(out)
+    assert len(rows) == 31 and list(rows[0]) == [c for c in ncc.MODEL_COLUMNS if c != "seconds"]
+    cnn_sgd = [r for r in rows if r["experiment"] == "exp1"
+               and (r["architecture"], r["optimizer"]) == ("CNN", "SGD")]
+    assert [(r["width"], r["replicate"]) for r in cnn_sgd] == [("2", "0"), ("2", "1"),
+                                                              ("4", "0"), ("4", "1")]
+    for r in cnn_sgd:
+        w, rep = [2, 4].index(int(r["width"])), int(r["replicate"])
+        assert float(r["test_err"]) == series["replicates"]["test_err"][w][rep]
+        assert float(r["cdnv_test"]) == series["replicates"]["nc_test"]["cdnv"][w][rep]
+        assert float(r["nc1_L1"]) == series["replicates"]["per_layer"]["L1"]["nc1"][w][rep]
+        assert int(r["seed"]) == series["replicates"]["seed"][w][rep]
+        assert int(r["parameters"]) == series["params"][w] and r["d"] == ""
+    assert sorted(r["d"] for r in rows if r["experiment"] == "exp3") == ["10", "10", "2", "2",
+                                                                       "9", "9"]
     assert {"alpha", "alpha_weighted", "layers"} <= set(series["esd"])
     assert {"alpha", "alpha_weighted"} <= set(results["exp2"]["large"])
     assert (results["exp4"]["estimator"], results["exp4"]["cka_conv"]) == ("linear", "pool")

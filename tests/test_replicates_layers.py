@@ -51,6 +51,37 @@ def test_exp2_and_exp3_curves_are_means_over_replicates(tiny):
     exp3 = ncc.run_generalized_nc(epochs=1, dims=[2, 9], width=3, replicates=3, log=None)
     assert np.array(exp3["replicates"]["nc2"]).shape == (2, 3)
     assert exp3["nc2"] == pytest.approx(np.mean(exp3["replicates"]["nc2"], axis=1).tolist())
+    # three replicates: the sample standard deviation, in the JSON beside each mean
+    for key in ("nc2", "test_err"):
+        std = np.std(np.array(exp3["replicates"][key], dtype=float), axis=1, ddof=1)
+        assert exp3["std"][key] == pytest.approx(std.tolist(), rel=1e-12)
+    assert np.isfinite(exp3["std"]["nc2"]).all() and min(exp3["std"]["nc2"]) > 0
+    assert exp3["std"]["nc_test"]["nc1"] == pytest.approx(np.std(
+        np.array(exp3["replicates"]["nc_test"]["nc1"]), axis=1, ddof=1).tolist(), rel=1e-12)
+
+
+def test_standard_deviation_needs_two_finite_replicates():
+    out = ncc._summarise([[{"a": 1.0}, {"a": 3.0}, {"a": None}], [{"a": 2.0}, {"a": None}, {"a": None}]])
+    assert out["std"]["a"][0] == pytest.approx(np.sqrt(2.0)) and np.isnan(out["std"]["a"][1])
+
+
+def test_bands_are_one_standard_deviation_from_three_replicates_and_min_max_below():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    three = [1.0, 2.0, 6.0]
+    for replicates, expected in [
+            ([three, [2.0, 5.0]], [(3 - np.std(three, ddof=1), 3 + np.std(three, ddof=1)),
+                                   (2.0, 5.0)]),
+            ([[1.0, 4.0], [3.0, 5.0]], [(1.0, 4.0), (3.0, 5.0)])]:
+        fig, ax = plt.subplots()
+        ncc._band(ax, [1, 2], replicates, "k")
+        vertices = ax.collections[-1].get_paths()[0].vertices
+        for x, (low, high) in zip([1, 2], expected):
+            ys = vertices[vertices[:, 0] == x, 1]
+            assert (ys.min(), ys.max()) == pytest.approx((low, high), rel=1e-12)
+        plt.close(fig)
+    assert ncc._band_name(3) == "bands: mean ± 1 std" and ncc._band_name(2) == "bands: min-max"
 
 
 def test_last_layer_of_per_layer_nc_is_the_penultimate_nc(tiny):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import neural_collapse_cka as ncc
-from conftest import SLOW_SMOKE
+from conftest import SLOW_SMOKE, model_table
 from test_cli import NAME, ROOT, SCRIPT, cli, numbers_only
 
 SMOKE = ["--preset", "smoke"]
@@ -65,7 +65,7 @@ def run_smoke_recipe(title, out, data_dir, replacement, timeout=600):
 
 
 def test_readme_background_recipe_three_concurrent_shards_equal_an_unsharded_run(
-        tmp_path, data_dir, smoke_reference):
+        tmp_path, data_dir, smoke_reference, smoke_run):
     out = tmp_path / "out"
     result = run_smoke_recipe("background processes", out, data_dir, ("N=8", "N=3"))
     for i in range(3):
@@ -75,6 +75,7 @@ def test_readme_background_recipe_three_concurrent_shards_equal_an_unsharded_run
         assert "--collect" in log[-1] and "--shard" not in log[-1]
     assert "collect:" in result.stdout and "wrote" in result.stdout
     assert results_of(out) == smoke_reference
+    assert model_table(out) == model_table(smoke_run[0])  # collect writes the table too
     # the shards shared out the work: no model was trained twice
     records = list((out / "records").glob("exp*/*.json"))
     assert len(records) == 31
