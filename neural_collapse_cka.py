@@ -79,7 +79,8 @@ SGD_WEIGHT_DECAY = 5e-4
 ADAM_LR = 1e-3                 # Adam, constant learning rate
 ADAM_WEIGHT_DECAY = 1e-4
 FUSED = True                   # train models of one architecture side by side (FusedModels)
-WORKERS = 0                    # CPU worker processes; 0: one per core, at most 2 (GPU: 1)
+WORKERS = 0                    # CPU worker processes; 0: one per core this process may use
+                               # (GPU: 1). Each group trains on one thread whatever the count
 CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest <= this
 FLUSH_DENORMALS = True         # CPU: subnormal floats (below 1.2e-38) computed as 0 (FTZ and
                                # DAZ): weight decay drives idle weights and Adam's moments
@@ -1261,15 +1262,16 @@ def fused_groups(specs, device_type):
 
 def worker_count(device_type):
     """Processes that train groups at once: on a CPU WORKERS, or with WORKERS = 0 one per
-    core this process may use (a SLURM task's share, not the node's), at most 2; on a GPU
-    one."""
+    core this process may use (its affinity: a SLURM task's or `taskset`'s share, not the
+    node's); on a GPU one. With two or more, every group trains on one thread, so the count
+    changes no number, only how many groups train at once."""
     if device_type != "cpu":
         return 1
     if WORKERS:
         return WORKERS
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count() or 1)
-    return min(2, cores)
+    return cores
 
 
 @contextlib.contextmanager
@@ -1485,8 +1487,10 @@ class ModelRuns:
             import multiprocessing
             context = multiprocessing.get_context("spawn")
             epochs_done = context.Array("i", len(groups), lock=False)
-            with context.Pool(min(workers, len(groups)), _worker_init,
-                              (hyperparameters(), epochs_done)) as pool:
+            with _main_hidden_from_workers():
+                pool = context.Pool(min(workers, len(groups)), _worker_init,
+                                    (hyperparameters(), epochs_done))
+            with pool:
                 jobs = [(self.experiment, self.data, group, measure, i,
                          self.snapshot_path(group)) for i, group in enumerate(groups)]
                 results = pool.imap_unordered(_worker_fit, jobs)
@@ -1677,6 +1681,27 @@ class ModelRuns:
 _EPOCHS_DONE = None  # in a worker: shared memory for the epoch each job has reached
 
 
+@contextlib.contextmanager
+def _main_hidden_from_workers():
+    """While worker processes start, hide the caller's __main__ from them, unless it is
+    this script (the command line). A spawned worker imports the parent's __main__ to
+    unpickle what it defines; workers need only this module, and a researcher's script
+    without an `if __name__ == "__main__":` guard would run again in every worker (and
+    start workers of its own), while one piped into `python -` has no file to import.
+    Hidden, workers start as they do under `python -c`, where nothing is imported."""
+    main = sys.modules.get("__main__")
+    script = os.path.abspath(__file__)
+    if main is None or os.path.abspath(getattr(main, "__file__", None) or "") == script:
+        yield
+        return
+    import types
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _worker_init(settings, epochs_done):
     global _EPOCHS_DONE
     _EPOCHS_DONE = epochs_done
@@ -1826,6 +1851,19 @@ def _exp1_values(record):
             "per_layer": record["per_layer"], "esd": record["esd"]}
 
 
+def log_spaced_epochs(epochs, points):
+    """At least `points` distinct epochs in 1..epochs (all of them if fewer), log-spaced, so
+    dense early."""
+    if epochs <= points:
+        return list(range(1, epochs + 1))
+    count = points
+    while True:
+        grid = np.unique(np.round(np.geomspace(1, epochs, count)).astype(int))
+        if len(grid) >= points:
+            return grid.tolist()
+        count += points - len(grid)
+
+
 def model_wise_setup(epochs=None, widths=None, archs=("ResNet", "CNN"),
                      optimizers=("SGD", "Adam"), replicates=None):
     """Exp 1's settings (None: the globals) and the spec of each of its models."""
@@ -1891,72 +1929,6 @@ def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
                                     "curves": curves,
                                     "epochs": epochs, "replicate_count": replicates}
     return _json_ready(out)
-
-
-CURVE_NAMES = ["train_err", "test_err", "train_loss", "test_loss"]
-
-
-def model_wise_measure(spec, model, epoch, data):
-    """What Exp 1 records of a model at each of its checkpoints: its learning curve."""
-    scores = evaluate(model, data, collapse=False)
-    return {"epoch": epoch, **{name: scores[name] for name in LEARNING_CURVE_NAMES}}
-
-
-def _curve_summary(records, grid, names):
-    """`_summarise` over the epochs of `grid` of each replicate's checkpoint values under
-    `names` (a replicate that diverged and stopped early has None at later epochs)."""
-    curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
-    return _summarise([[{name: curve.get(epoch, {}).get(name) for name in names}
-                        for curve in curves] for epoch in grid])
-
-
-def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
-                            optimizers=("SGD", "Adam"), replicates=None, device=None,
-                            records_dir=None, log=print):
-    """Exp 1, model-wise double descent: every architecture x optimizer x width, trained for
-    `epochs`, `replicates` times (own derived seeds). Per configuration ("ResNet_SGD", ...),
-    lists over widths of the mean over replicates: train/test error, train loss, seconds,
-    NC1-NC4 on the training set (noisy labels) and under "nc_test" on the test set (clean
-    labels); "per_layer": NC1 (both forms) and NC4 of every layer L0..L3; "esd": the weight
-    spectra (layer-averaged power-law alpha and every weight's fit). Every replicate's value
-    is kept under "replicates"; "diverged" says whether any replicate diverged. "curves":
-    the learning curves, train and test error and loss at the log-spaced epochs
-    curves["epoch"] (MODEL_WISE_POINTS of them), as lists over widths of lists over epochs
-    (each replicate's under curves["replicates"]); evaluating them leaves training as it
-    would be without them."""
-    setup = model_wise_setup(epochs, widths, archs, optimizers, replicates)
-    epochs, widths, replicates = setup["epochs"], setup["widths"], setup["replicates"]
-    data = experiment_data(resolve_device(device))
-    runs = ModelRuns("exp1", data, records_dir, log)
-    points = iter(_chunks(runs.run_many(setup["specs"], setup["measure"]), replicates))
-    out = {}
-    for arch in archs:
-        for opt in optimizers:
-            by_width = [next(points) for _ in widths]
-            curves = {"epoch": setup["grid"]}
-            if setup["grid"]:
-                curves.update(_transpose([_curve_summary(records, setup["grid"],
-                                                         LEARNING_CURVE_NAMES)
-                                          for records in by_width]))
-            out[f"{arch}_{opt}"] = {"width": widths,
-                                    "params": [records[0]["params"] for records in by_width],
-                                    **_sweep_summary(by_width, _exp1_values),
-                                    "curves": curves,
-                                    "epochs": epochs, "replicate_count": replicates}
-    return _json_ready(out)
-
-
-def log_spaced_epochs(epochs, points):
-    """At least `points` distinct epochs in 1..epochs (all of them if fewer), log-spaced, so
-    dense early."""
-    if epochs <= points:
-        return list(range(1, epochs + 1))
-    count = points
-    while True:
-        grid = np.unique(np.round(np.geomspace(1, epochs, count)).astype(int))
-        if len(grid) >= points:
-            return grid.tolist()
-        count += points - len(grid)
 
 
 CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_weighted"]

@@ -1,11 +1,15 @@
 import csv
+import json
 import os
+import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+SCRIPT = os.path.join(ROOT, "neural_collapse_cka.py")
+NAME = "neural_collapse_cka_results"
 
 import neural_collapse_cka as ncc  # noqa: E402
 
@@ -36,6 +40,25 @@ def saved_records(folder):
     return [p for p in folder.glob("*.json") if not p.name.startswith(".")]
 
 
+def cli(*args, data_dir, timeout=300):
+    return subprocess.run([sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def numbers_only(results):
+    """The results without wall times, so two runs can be compared number for number."""
+    results = json.loads(json.dumps(results))
+    results.pop("env")
+    for exp in ("exp1", "exp3"):
+        if exp not in results:
+            continue
+        for series in [results[exp]] if exp == "exp3" else results[exp].values():
+            series.pop("seconds", None)
+            series["replicates"].pop("seconds", None)
+            series.get("std", {}).pop("seconds", None)
+    return results
+
+
 def model_table(out, without=("seconds",)):
     """The rows of a run's per-model CSV as dicts, without the wall-time column."""
     with open(out / "neural_collapse_cka_models.csv", newline="") as f:
@@ -54,7 +77,6 @@ def data_dir(tmp_path_factory):
 
 
 def _run(tmp_path_factory, data_dir, name, args):
-    from test_cli import cli
     out = tmp_path_factory.mktemp(name)
     result = cli(*args, "--out", str(out), data_dir=data_dir)
     assert result.returncode == 0, result.stderr

@@ -91,7 +91,7 @@ def check_benchmark(report, device, epochs):
 
 
 def check_kill_and_resume(report, device, out):
-    from test_cli import numbers_only
+    from conftest import numbers_only
     args = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4",
             "--set", "SNAPSHOT_SECONDS=0"]
     _, reference = run(study(f"{out}/resume_ref", device, *args))

@@ -11,31 +11,8 @@ import pytest
 import torch
 
 import neural_collapse_cka as ncc
-from conftest import SLOW_SMOKE, model_table, saved_records
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "neural_collapse_cka.py")
-NAME = "neural_collapse_cka_results"
-
-
-def cli(*args, data_dir, timeout=300):
-    return subprocess.run([sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def numbers_only(results):
-    """The results without wall times, so two runs can be compared number for number."""
-    results = json.loads(json.dumps(results))
-    results.pop("env")
-    for exp in ("exp1", "exp3"):
-        if exp not in results:
-            continue
-        for series in [results[exp]] if exp == "exp3" else results[exp].values():
-            series.pop("seconds", None)
-            series["replicates"].pop("seconds", None)
-            series.get("std", {}).pop("seconds", None)
-    return results
-
+from conftest import (NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, model_table, numbers_only,
+                      saved_records)
 
 def test_smoke_run_writes_figure_and_results_with_the_spec_layout(smoke_run):
     out, result = smoke_run

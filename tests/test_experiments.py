@@ -1,11 +1,15 @@
 """Training, drivers and records, called as functions."""
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import neural_collapse_cka as ncc
+from conftest import ROOT
 
 
 def test_derived_seeds_depend_on_every_part_and_nothing_else():
@@ -157,6 +161,37 @@ def test_worker_processes_give_the_results_of_one_process(tiny, monkeypatch):
             s.pop("seconds")
             s["replicates"].pop("seconds")
     assert results[0] == results[1]
+
+
+def test_more_workers_than_cores_give_the_numbers_of_two(tiny, monkeypatch):
+    monkeypatch.setattr(ncc, "CPU_GROUP_WIDTH", 2)  # three groups: one pair per width
+    results = []
+    for workers in (4, 2):
+        monkeypatch.setattr(ncc, "WORKERS", workers)
+        results.append(ncc.run_model_wise_complete(epochs=2, widths=[2, 3, 4], archs=("CNN",),
+                                                   log=None))
+    for series in results:
+        for s in series.values():
+            for tree in (s, s["replicates"], s["std"]):
+                tree.pop("seconds")
+    assert results[0] == results[1]
+
+
+def test_the_default_worker_count_follows_the_cpu_affinity(tmp_path):
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        pytest.skip("taskset is not installed")
+    probe = ("import neural_collapse_cka as ncc, os; "
+             "print(len(os.sched_getaffinity(0)), ncc.worker_count('cpu'))")
+    done = subprocess.run([taskset, "-c", "0", sys.executable, "-c", probe], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1"]
+    plan = subprocess.run([taskset, "-c", "0", sys.executable, "neural_collapse_cka.py",
+                           "--preset", "smoke", "--plan", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert " on cpu, 1 worker process;" in plan.stdout.splitlines()[0]
 
 
 def _partition(groups):

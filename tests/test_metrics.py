@@ -1,6 +1,5 @@
 """NC1-NC4 and linear CKA, checked against definitions, closed forms and a
 naive implementation written here, never against their own output."""
-import warnings
 
 import numpy as np
 import pytest

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from conftest import SLOW_SMOKE, saved_records
-from test_cli import NAME, ROOT, SCRIPT, cli, numbers_only
+from conftest import NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, numbers_only, saved_records
 
 # Exp 1 alone, its groups pairs of 15 epochs, so that a signal can land between groups
 SLOW = SLOW_SMOKE + ["--experiments", "1"]

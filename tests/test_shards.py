@@ -14,8 +14,7 @@ import time
 import pytest
 
 import neural_collapse_cka as ncc
-from conftest import SLOW_SMOKE, model_table
-from test_cli import NAME, ROOT, SCRIPT, cli, numbers_only
+from conftest import NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, model_table, numbers_only
 
 SMOKE = ["--preset", "smoke"]
 SLOW = SLOW_SMOKE
