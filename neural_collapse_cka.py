@@ -83,9 +83,9 @@ WORKERS = 0                    # CPU worker processes; 0: one per core this proc
                                # (GPU: 1). Each group trains on one thread whatever the count
 CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest <= this
 FLUSH_DENORMALS = True         # CPU: subnormal floats (below 1.2e-38) computed as 0 (FTZ and
-                               # DAZ): weight decay drives idle weights and Adam's moments
-                               # there, and x86 arithmetic on them is many times slower, so
-                               # late epochs of long runs slowed about 8x without it
+                               # DAZ): in long runs weight decay drives idle weights and
+                               # Adam's moments there, where x86 arithmetic is many times
+                               # slower
 CUDA_GRAPHS = False            # GPU: replay each epoch after the first as one CUDA graph
                                # (EpochGraph); not yet run on a GPU, so off by default
 PROGRESS_SECONDS = 30.0        # a progress line for each training group at least this often
@@ -1387,11 +1387,12 @@ class ModelRuns:
 
     def stored_record(self, spec):
         """The JSON record a finished model left, or None (no weights are loaded)."""
-        json_path = self._paths(spec)[0] if self.records_dir else None
+        if not self.records_dir:
+            return None
         try:
-            with open(json_path) as f:
+            with open(self._paths(spec)[0]) as f:
                 return json.load(f)
-        except (TypeError, OSError, ValueError):
+        except (OSError, ValueError):
             return None
 
     def load(self, spec, keep_model=False):
