@@ -18,6 +18,9 @@ mkdir -p "$trees"
 parts() { grep -v '^#' "$root/campaign/pins.txt" | awk 'NF == 3'; }
 pid_of() { cat "$trees/$1.pid" 2>/dev/null || true; }
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+# CPU time of a run and its worker processes, in hours
+cpu_hours() { ps -eo pid,ppid,times | awk -v p="$1" '$1 == p || $2 == p {s += $3}
+              END {printf "%.2f", s / 3600}'; }
 
 case "${1:-status}" in
 start)
@@ -43,11 +46,13 @@ stop)
     parts | while read -r name commit experiments; do
         pid=$(pid_of "$name")
         alive "$pid" || { echo "$name: not running"; continue; }
+        cpu=$(cpu_hours "$pid")
         kill -TERM "$pid"  # the parent alone: it stops its workers and saves what it can
         for _ in $(seq 600); do alive "$pid" || break; sleep 0.5; done
         if alive "$pid"; then echo "$name: still running after 300 s (pid $pid)"; continue; fi
-        echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') stopped" >> "$root/campaign/$name/log.txt"
-        echo "$name: stopped; $(grep -c '' "$root/campaign/$name/log.txt") log lines"
+        echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') stopped after $cpu CPU-hours" \
+            >> "$root/campaign/$name/log.txt"
+        echo "$name: stopped after $cpu CPU-hours (the run and its workers)"
     done
     ;;
 status)
@@ -56,7 +61,11 @@ status)
         state=$(alive "$pid" && echo "running (pid $pid)" || echo "not running")
         models=$(find "$root/campaign/$name/records" -name '*.json' ! -name '.*' \
                  ! -name 'shards_*' 2>/dev/null | wc -l || true)
-        echo "$name ($experiments, commit ${commit:0:7}): $state, $models models finished"
+        alive "$pid" && state="$state, $(cpu_hours "$pid") CPU-hours this stretch"
+        total=$({ grep -o 'after [0-9.]* CPU-hours' "$root/campaign/$name/log.txt" || true; } |
+                awk '{s += $2} END {printf "%.2f", s}')
+        echo "$name ($experiments, commit ${commit:0:7}): $state, $models models finished," \
+             "$total CPU-hours in stretches before"
         tail -n 3 "$root/campaign/$name/log.txt" 2>/dev/null | sed 's/^/    /'
     done
     ;;
