@@ -200,18 +200,43 @@ def write_atomic(path, write):
     replaces `path` in one rename, so a reader never sees a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    with stops_deferred():
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+@contextlib.contextmanager
+def stops_deferred():
+    """Ctrl-C and SIGTERM wait until the block is done, then stop the run as usual. Used
+    around every write (a stop inside torch.save's writer can abort the process) and while
+    a fused group's records are stored: a stop between two of them would leave the group
+    part-saved, and a part-saved group is trained again whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread receives signals
+        return
+    caught = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items()
+                if handler not in (None, signal.SIG_IGN)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        signal.raise_signal(caught[0])  # now handled as it would have been
 
 
 def load_mnist1d(cache_path=None):
@@ -1146,28 +1171,6 @@ def save_json(path, obj):
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
-@contextlib.contextmanager
-def stops_deferred():
-    """Ctrl-C and SIGTERM wait until the block is done, then stop the run as usual. Used
-    while a fused group's records are stored: a stop between two of them would leave the
-    group part-saved, and a part-saved group is trained again whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread receives signals
-        return
-    caught = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    previous = {sig: handler for sig, handler in previous.items() if handler is not None}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:
-        signal.raise_signal(caught[0])  # now handled as it would have been
-
-
 def stratified_subset(noise_mask, size, seed):
     """`size` training indices with the same noise fraction as the full set: exactly
     round(LABEL_NOISE * size) corrupted samples (used by the quick and smoke presets)."""
@@ -1485,24 +1488,13 @@ class ModelRuns:
                     yield group, self._fit_group(group, measure, self._epoch_counter(i, group),
                                                  self.snapshot_path(group))
                 return
-            import multiprocessing
-            context = multiprocessing.get_context("spawn")
-            epochs_done = context.Array("i", len(groups), lock=False)
-            with _main_hidden_from_workers():
-                pool = context.Pool(min(workers, len(groups)), _worker_init,
-                                    (hyperparameters(), epochs_done))
-            with pool:
-                jobs = [(self.experiment, self.data, group, measure, i,
-                         self.snapshot_path(group)) for i, group in enumerate(groups)]
-                results = pool.imap_unordered(_worker_fit, jobs)
-                left = len(groups)
-                while left:
-                    try:
-                        i, fitted = results.next(timeout=PROGRESS_SECONDS)
-                    except multiprocessing.TimeoutError:
-                        self._progress(self._training(groups, epochs_done))
-                        continue
-                    left -= 1
+            epochs_done = _shared_counters(len(groups))
+            calls = [(_worker_fit, (self.experiment, self.data, group, measure, i,
+                                    self.snapshot_path(group))) for i, group in enumerate(groups)]
+            with Workers(min(workers, len(groups)), hyperparameters(), epochs_done) as pool:
+                for _, (i, fitted) in pool.map_unordered(
+                        calls, PROGRESS_SECONDS,
+                        lambda: self._progress(self._training(groups, epochs_done))):
                     self.finished.add(i)
                     self.partial_cost = sum(self._cost_to(g, epoch) for g, epoch
                                             in self._training(groups, epochs_done).values())
@@ -1703,14 +1695,149 @@ def _main_hidden_from_workers():
         sys.modules["__main__"] = main
 
 
-def _worker_init(settings, epochs_done):
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the workers are
+    stopped, temporary files are removed, and finished records stay."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _shared_counters(count):
+    """`count` integers in shared memory that workers write and this process reads."""
+    import multiprocessing
+    return multiprocessing.get_context("spawn").Array("i", count, lock=False)
+
+
+class WorkerError(RuntimeError):
+    """A job raised in a worker process; the message holds the worker's traceback."""
+
+
+class Workers:
+    """Worker processes, each taking one call at a time through a pipe of its own.
+
+    Nothing else joins them to each other or to this process, so a worker that a signal
+    ends anywhere (starting, idle, training, writing) blocks nobody. multiprocessing.Pool
+    could not promise that: its workers share one task queue behind one lock, and a
+    SIGTERM to the whole process group that caught an idle worker holding it (`timeout`,
+    a cluster's time limit, `docker stop`) hung the parent's shutdown for good.
+
+    A worker ignores Ctrl-C (it reaches the whole process group; this process decides)
+    and ends on SIGTERM, removing a half-written file on the way (`write_atomic`). A
+    worker that SIGTERM ended stops the run as a SIGTERM here would; one that died
+    otherwise (out of memory, say) raises WorkerError. Leaving the `with` block ends every
+    worker within seconds, whatever it was doing."""
+
+    def __init__(self, count, settings, epochs_done):
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.processes, self.pipes = [], []
+        try:
+            with _main_hidden_from_workers():
+                for _ in range(count):
+                    pipe, worker_end = context.Pipe()
+                    process = context.Process(target=_worker_main, daemon=True,
+                                              args=(worker_end, settings, epochs_done))
+                    process.start()
+                    worker_end.close()
+                    self.processes.append(process)
+                    self.pipes.append(pipe)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def map_unordered(self, calls, timeout=None, on_wait=None):
+        """(index, function(*args)) for each (function, args) in `calls`, in the order
+        they finish; `on_wait()` after every `timeout` seconds that bring no result."""
+        from multiprocessing.connection import wait
+        waiting = list(enumerate(calls))[::-1]
+        busy = {}  # worker number: index of the call it runs
+        while waiting or busy:
+            for w in range(len(self.processes)):
+                if waiting and w not in busy:
+                    busy[w], call = waiting.pop()
+                    try:
+                        self.pipes[w].send(call)
+                    except OSError:  # the worker has ended
+                        self._lost(w)
+            ready = set(wait([self.pipes[w] for w in busy] +
+                             [self.processes[w].sentinel for w in busy], timeout))
+            if not ready and on_wait is not None:
+                on_wait()
+            for w in list(busy):
+                if self.pipes[w] not in ready and self.processes[w].sentinel not in ready:
+                    continue
+                try:
+                    ok, value = self.pipes[w].recv()
+                except (EOFError, OSError):
+                    self._lost(w)
+                if not ok:
+                    raise WorkerError(value)
+                yield busy.pop(w), value
+
+    def _lost(self, w):
+        """A worker ended without answering: how it ended decides what the run does."""
+        process = self.processes[w]
+        process.join(5)
+        code = process.exitcode
+        if code in (-signal.SIGTERM, 128 + signal.SIGTERM):
+            raise Terminated()
+        if code in (-signal.SIGINT, 128 + signal.SIGINT):
+            raise KeyboardInterrupt()
+        raise WorkerError(f"a worker process ended with exit code {code} (a negative one is "
+                          "a signal's number: 9 may be the kernel out of memory); finished "
+                          "models are saved, rerun the same command to resume")
+
+    def close(self):
+        """End every worker: idle ones when their pipe closes, busy ones by SIGTERM, and
+        any still there after 5 s by SIGKILL."""
+        for pipe in self.pipes:
+            pipe.close()
+        for process in self.processes:
+            if process.exitcode is None:
+                process.terminate()
+        deadline = time.time() + 5
+        for process in self.processes:
+            process.join(max(deadline - time.time(), 0))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+
+
+def _worker_main(pipe, settings, epochs_done):
+    """A worker process: runs the calls that come through `pipe` until it closes."""
     global _EPOCHS_DONE
     _EPOCHS_DONE = epochs_done
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     torch.set_num_threads(1)
     apply_settings(settings)
-    # Ctrl-C reaches the whole process group: the parent alone handles it (and ends us)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    while True:
+        try:
+            function, args = pipe.recv()
+        except EOFError:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already; nothing to undo
+            return
+        try:
+            reply = (True, function(*args))
+        except Exception:
+            import traceback
+            reply = (False, "in a worker process:\n" + traceback.format_exc())
+        pipe.send(reply)
+
+
+def _exit_on_sigterm(signum, frame):
+    # once: a second SIGTERM (the parent's, after the group's) must not strike the way out
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(128 + signum)  # an exception, so that `finally` blocks run on the way out
 
 
 def _exit_with_parent(parent):
@@ -1721,12 +1848,11 @@ def _exit_with_parent(parent):
     os._exit(1)
 
 
-def _worker_fit(job):
+def _worker_fit(experiment, data, group, measure, index, snapshot_path):
     """In a worker process: train one group on the parent's data (a worker that loaded
     it itself would pay about 0.9 s importing mnist1d and scipy); the records and weights
     go back to the parent, which alone writes them and prints progress. The group's
     snapshots, only this process has."""
-    experiment, data, group, measure, index, snapshot_path = job
     runs = ModelRuns(experiment, data, log=None)
     on_epoch = functools.partial(_EPOCHS_DONE.__setitem__, index)
     return index, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
@@ -3215,6 +3341,9 @@ def main(argv=None):
                       estimates=plan["experiments"])
     except NotCollectable as e:
         parser.error(str(e))
+    except WorkerError as e:  # not the user's doing: the worker's traceback, if it has one
+        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt as stop:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut this short
         how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
@@ -3223,15 +3352,6 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         return 143 if isinstance(stop, Terminated) else 130
     return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the worker pool
-    is shut down, temporary files are removed, and finished records stay."""
-
-
-def _stop_on_sigterm(signum, frame):
-    raise Terminated()
 
 
 _DEFAULTS = {name: value for name, value in hyperparameters().items()}

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPT = r"""
-import multiprocessing, sys
+import sys
 import torch
 import neural_collapse_cka as ncc
 
@@ -36,11 +36,11 @@ if __name__ == "__main__":
         opt, _ = ncc.make_optimizer([weight], name, 10)
         opt.step()
         steps.append(int((weight != 0).sum()))
-    context = multiprocessing.get_context("spawn")
-    epochs_done = context.Array("i", 1, lock=False)
-    with context.Pool(1, ncc._worker_init, (ncc.hyperparameters(), epochs_done)) as pool:
-        pool.apply(ncc.train_model, (model, data, "Adam", 1, 0))
-        in_worker = pool.apply(ncc.subnormals_survive)
+    # one worker started as the runner starts its workers: it trains, then is probed
+    with ncc.Workers(1, ncc.hyperparameters(), ncc._shared_counters(1)) as pool:
+        done = dict(pool.map_unordered([(ncc.train_model, (model, data, "Adam", 1, 0)),
+                                        (ncc.subnormals_survive, ())]))
+    in_worker = done[1]
     print(here, steps[0], steps[1], in_worker)
 """
 

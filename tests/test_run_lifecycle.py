@@ -16,19 +16,20 @@ from conftest import NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, numbers_only, saved_re
 SLOW = SLOW_SMOKE + ["--experiments", "1"]
 
 
-def _children(pid):
-    """Pids whose parent is `pid` (Linux /proc)."""
-    found = []
+def _process_stats():
+    """(pid, the fields of /proc/<pid>/stat after the command name) of every process."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
+                    yield int(entry), f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
+
+
+def _children(pid):
+    """Pids whose parent is `pid` (Linux /proc)."""
+    return [child for child, fields in _process_stats() if int(fields[1]) == pid]
 
 
 def _alive(pid):
@@ -169,3 +170,88 @@ def test_plan_comes_first_and_its_estimate_is_within_2x_of_the_run(tmp_path, dat
         if 0.5 <= estimate / wall <= 2:
             break
     assert 0.5 <= estimate / wall <= 2, (estimate, wall)
+
+
+# Exp 2 alone, one model at width 2 and one at 64: once w = 2 is done, its worker idles
+# while w = 64 trains on (the state in which a stop sent to the whole group used to hang)
+TWO_WORKERS = ["--preset", "smoke", "--experiments", "2", "--set", "REPLICATES=1",
+               "--set", 'EPOCH_WISE_WIDTHS={"critical": 2, "large": 64}',
+               "--set", "EPOCHS_EPOCH_WISE=300", "--set", "SNAPSHOT_SECONDS=0"]
+
+
+def _group_members(pgid):
+    """Pids of the live (not zombie) processes of process group `pgid` (Linux /proc)."""
+    return [pid for pid, fields in _process_stats() if int(fields[2]) == pgid
+            and fields[0] != "Z"]
+
+
+@pytest.fixture
+def own_group(tmp_path, data_dir):
+    """A TWO_WORKERS run into tmp_path, in a process group of its own (killed at the end,
+    so that a failing test leaves nothing running)."""
+    cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *TWO_WORKERS,
+           "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    yield proc
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
+def _wait_for(condition, proc, seconds=240):
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.05)
+    assert proc.poll() is None and condition(), "the run never reached the state to test"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_sent_to_the_whole_process_group_while_a_worker_idles(tmp_path, own_group, sig):
+    proc = own_group
+    records = tmp_path / "records" / "exp2"
+    _wait_for(lambda: records.exists() and saved_records(records), proc)
+    time.sleep(0.5)  # w = 2's worker is back waiting for a call that never comes
+    os.killpg(proc.pid, sig)  # as `timeout`, a cluster's time limit or `docker stop` do
+    stopped = time.time()
+    stdout, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "rerun the same command" in lines[0], stderr
+    assert len(saved_records(records)) == 1  # w = 64 was still training
+    while _group_members(proc.pid) and time.time() < stopped + 15:
+        time.sleep(0.1)
+    assert not _group_members(proc.pid), "a process outlived the run by 15 s"
+    assert not list(tmp_path.rglob(".tmp-*")), "a half-written file was left behind"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
+def test_a_worker_killed_in_training_ends_the_run_with_one_line(own_group):
+    proc = own_group
+
+    def workers():  # the resource tracker is a child too
+        found = []
+        for pid in _children(proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"spawn_main" in f.read():
+                        found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    _wait_for(lambda: len(workers()) == 2, proc)
+    time.sleep(2)
+    # the first worker started takes the first call, w = 64 (longest first): it trains
+    os.kill(min(workers()), signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    stdout, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 1
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "exit code -9" in lines[0] and "resume" in lines[0], stderr
+    deadline = time.time() + 15
+    while _group_members(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _group_members(proc.pid)
