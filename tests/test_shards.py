@@ -115,6 +115,67 @@ def test_readme_slurm_array_recipe_end_to_end(tmp_path, data_dir, smoke_referenc
     assert results_of(out) == smoke_reference
 
 
+def _wait_for_job(job, seconds):
+    """`scontrol show job` once the job has left the queue, or can never start."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        state = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
+                               text=True).stdout
+        if job not in _squeue_ids() or "DependencyNeverSatisfied" in state:
+            return state
+        time.sleep(0.5)
+    return state
+
+
+def _epochs_for(seconds, args, data_dir, tmp_path):
+    """Epochs that make the longest group of `args` train about `seconds` here, by the
+    plan's estimate for 1000 epochs (within 2x of the run, as tested elsewhere)."""
+    plan = cli(*args, "--set", "EPOCHS_EPOCH_WISE=1000", "--plan", "--out",
+               str(tmp_path / "plan"), data_dir=data_dir)
+    match = re.search(r"critical path .* ~(?:(\d+)m)?(\d+)s", plan.stdout)
+    estimate = 60 * int(match.group(1) or 0) + int(match.group(2))
+    return min(max(round(1000 * seconds / estimate), 1000), 100_000)
+
+
+@pytest.mark.skipif(not _slurm_reachable(), reason="no SLURM here (sbatch not found, or no "
+                    "controller answers sinfo); .ci/run starts a single-node one")
+def test_slurm_time_limit_recipe_requeues_stopped_tasks_until_they_are_done(
+        tmp_path, data_dir):
+    # Exp 2's two models in two groups, one per shard, each longer than a task's 45 s
+    args = ["--preset", "smoke", "--experiments", "2", "--set", "REPLICATES=1",
+            "--set", "CPU_GROUP_WIDTH=4", "--set", "SNAPSHOT_SECONDS=5"]
+    args += ["--set", f"EPOCHS_EPOCH_WISE={_epochs_for(60, args, data_dir, tmp_path)}"]
+    reference = subprocess.Popen(  # the unsharded run, beside the SLURM one
+        [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args,
+         "--out", str(tmp_path / "reference")], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "out"
+    script = readme_recipe("SLURM tasks that outlast the time limit", [
+        ("OUT=results", f"OUT={out}"),
+        ('ARGS="--out $OUT', f'ARGS="--out $OUT --set DATA_DIR={data_dir} {" ".join(args)}'),
+        ("N=16", "N=2"), ("MINUTES=240", "MINUTES=1"), ("MARGIN=120", "MARGIN=15")])
+    result = run_recipe(script, timeout=60)
+    assert result.returncode == 0, result.stderr
+    collect_job = re.findall(r"\d+", result.stdout)[-1]
+    waits_on = subprocess.run(["scontrol", "show", "job", collect_job], capture_output=True,
+                              text=True).stdout
+    array_job = re.search(r"Dependency=afterok:(\d+)", waits_on).group(1)
+    try:
+        state = _wait_for_job(collect_job, 900)
+    finally:
+        subprocess.run(["scancel", array_job, collect_job])  # none left if it failed
+    logs = [p.read_text() for p in sorted(out.glob("slurm-*_*.log"))]
+    assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state + str(logs)
+    assert len(logs) == 2  # one per task, whatever its restarts
+    for i, log in enumerate(logs):
+        assert "stopped by SIGTERM" in log, log
+        assert "from the snapshot a stopped run left" in log, log
+        assert log.rstrip().splitlines()[-1].startswith(f"shard {i}/2 finished"), log
+    stdout, stderr = reference.communicate(timeout=900)
+    assert reference.returncode == 0, stderr
+    assert results_of(out) == results_of(tmp_path / "reference")
+
+
 def test_collect_with_a_shard_not_run_names_it_and_writes_nothing(tmp_path, data_dir):
     out = tmp_path / "out"
     for i in (0, 1):
