@@ -2500,11 +2500,18 @@ def _run_summary(results):
              + (f" ({_band_name(config.get('REPLICATES', 1))})"
                 if config.get("REPLICATES", 1) > 1 else ""),
              f"Run           {', '.join(run) or 'none'}",
+             *[f"{'Parts' if i == 0 else '':<14}{', '.join(part['experiments'])}: "
+               f"{_commit_of(part)[:7]}, {part['env'].get('device_name', '?')}"
+               for i, part in enumerate(results.get("parts", []))],
              *[f"{'Wall time' if i == 0 else '':<14}{k} {_duration(v)}"
                for i, (k, v) in enumerate(walls.items())],
              f"torch {env.get('torch', '?')}",
              f"{env.get('started', '')}"]
     return "\n".join(lines)
+
+
+def _commit_of(part):
+    return (part["env"].get("provenance") or {}).get("git_commit") or "?"
 
 
 def _figure(rows, cols, size):
@@ -3176,6 +3183,46 @@ def draw_figures(results, out_dir):
     return paths
 
 
+# Settings that change no number (where files go, how often a run reports or saves, how
+# many workers share the groups, the figures' resolution): parts of one study may differ
+# in them.
+_RUN_ONLY = {"DATA_DIR", "WORKERS", "PROGRESS_SECONDS", "SNAPSHOT_SECONDS", "FIGURE_DPI"}
+
+
+def merge_results(parts):
+    """One results dict from [(name, results), ...] of runs that each ran some of the
+    study's experiments: a study run in parts, each on its own machine or from its own
+    commit. Each experiment comes from one part, and the parts must agree on every setting
+    that can change a number; "parts" keeps each one's experiments, config and env."""
+    merged = {"config": {}, "env": {"wall_seconds": {}}, "parts": []}
+    source = {}
+    for name, results in parts:
+        experiments = [key for key in ("exp1", "exp2", "exp3", "exp4") if results.get(key)]
+        for key in experiments:
+            if key in source:
+                raise ValueError(f"{key} is in both {source[key]} and {name}; each "
+                                 "experiment must come from one file")
+            source[key] = name
+            merged[key] = results[key]
+        config = results["config"]
+        for setting, value in config.items():
+            known = merged["config"].get(setting, value)
+            if setting not in _RUN_ONLY | {"experiments"} and known != value:
+                raise ValueError(f"{name} has {setting}={value!r} but an earlier file has "
+                                 f"{known!r}: they are not parts of one study")
+            merged["config"].setdefault(setting, value)
+        env = results.get("env", {})
+        for setting, value in env.items():
+            if setting != "wall_seconds":
+                merged["env"].setdefault(setting, value)
+        merged["env"]["wall_seconds"].update(env.get("wall_seconds", {}))
+        merged["parts"].append({"file": name, "experiments": experiments,
+                                "config": config, "env": env})
+    merged["config"]["experiments"] = sorted(int(key[3:]) for key in source)
+    merged["env"]["wall_seconds"].pop("total", None)
+    return merged
+
+
 def load_results(path):
     """A results JSON written by this script, or ValueError saying what is wrong with it."""
     try:
@@ -3214,9 +3261,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None,
                    help="root seed SEED for label noise, initialisation and data order "
                         "(default: 42)")
-    p.add_argument("--plot-only", metavar="FILE",
-                   help="redraw the figure from a results JSON, without training; written "
-                        "into --out if given, else beside FILE")
+    p.add_argument("--plot-only", metavar="FILE", nargs="+",
+                   help="redraw the figures from a results JSON, without training; written "
+                        "into --out if given, else beside FILE. Several files, each with "
+                        "other experiments of one study (run in parts), are merged into "
+                        "one results JSON in --out, then drawn")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override a hyperparameter global, type-checked against its default, "
                         "e.g. --set EPOCHS_MODEL_WISE=500 --set \"WIDTHS=[2,8,32]\"; "
@@ -3284,6 +3333,30 @@ def _command_without(argv, flag, takes_value):
     return " ".join(shlex.quote(w) for w in ["python", os.path.basename(__file__)] + words)
 
 
+def _plot_only(paths, out_dir):
+    """--plot-only: draw one results file, or merge several (`merge_results`) into one
+    results JSON in `out_dir`, then draw it."""
+    if len(paths) == 1:
+        results = load_results(paths[0])
+        out_dir = out_dir or os.path.dirname(os.path.abspath(paths[0]))
+        _writable_dir(out_dir)
+        written = draw_figures(results, out_dir)
+    else:
+        if out_dir is None:
+            raise ValueError("--plot-only with several files merges them: give --out, the "
+                             "folder for the merged results")
+        merged_path = os.path.join(out_dir, RESULTS_NAME + ".json")
+        if any(os.path.abspath(p) == os.path.abspath(merged_path) for p in paths):
+            raise ValueError(f"--out {out_dir!r} would overwrite {merged_path!r}, one of the "
+                             "files to merge: choose another folder")
+        results = merge_results([(p, load_results(p)) for p in paths])
+        _writable_dir(out_dir)
+        save_json(merged_path, results)
+        written = [merged_path, *draw_figures(results, out_dir)]
+    print("wrote " + ", ".join(written))
+    return 0
+
+
 def main(argv=None):
     warnings.formatwarning = _one_line_warning  # on the command line, a warning is one line
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -3292,12 +3365,7 @@ def main(argv=None):
     try:
         shard = _check_modes(args)
         if args.plot_only:
-            results = load_results(args.plot_only)
-            out_dir = args.out if "--out" in argv else os.path.dirname(
-                os.path.abspath(args.plot_only))
-            _writable_dir(out_dir)
-            print("wrote " + ", ".join(draw_figures(results, out_dir)))
-            return 0
+            return _plot_only(args.plot_only, args.out if "--out" in argv else None)
         experiments = _parse_experiments(args.experiments)
         settings = dict(PRESETS[args.preset])
         if args.seed is not None:

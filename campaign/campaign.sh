@@ -4,6 +4,8 @@
 #   bash campaign/campaign.sh start    # resume every unfinished part in the background
 #   bash campaign/campaign.sh stop     # SIGTERM, wait for the resume line (commit after)
 #   bash campaign/campaign.sh status   # models finished, CPU time, last lines
+#   bash campaign/campaign.sh collect  # once all are done: docs/full/, the paper-scale
+#                                      # results JSON and figures, from committed records
 #
 # Each line of campaign/pins.txt is one part: a name, the commit whose code runs it, and
 # its experiments. A part always runs from a git worktree at its commit, so later changes
@@ -69,8 +71,32 @@ status)
         tail -n 3 "$root/campaign/$name/log.txt" 2>/dev/null | sed 's/^/    /'
     done
     ;;
+collect)
+    # Each part's results from its own records by its own commit (record names depend on
+    # the code), then one merged results JSON and its figures, drawn by this checkout.
+    files=()
+    while read -r name commit experiments; do
+        tree="$trees/$commit"
+        [ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$commit" >/dev/null
+        (cd "$tree" && python neural_collapse_cka.py --preset full --device cpu \
+            --experiments "$experiments" --set PROGRESS_SECONDS=600 \
+            --out "$root/campaign/$name" --collect) | tail -n 1
+        # code older than the provenance in every results file did not note its commit
+        python - "$root/campaign/$name/neural_collapse_cka_results.json" "$commit" <<'PY'
+import json, sys
+path, commit = sys.argv[1:]
+results = json.load(open(path))
+provenance = results["env"].setdefault("provenance", {})
+if not provenance.get("git_commit"):
+    provenance["git_commit"] = commit  # the pinned commit that ran and collected this part
+    json.dump(results, open(path, "w"), indent=1)
+PY
+        files+=("$root/campaign/$name/neural_collapse_cka_results.json")
+    done < <(parts)
+    python "$root/neural_collapse_cka.py" --plot-only "${files[@]}" --out "$root/docs/full"
+    ;;
 *)
-    echo "usage: bash campaign/campaign.sh start|stop|status" >&2
+    echo "usage: bash campaign/campaign.sh start|stop|status|collect" >&2
     exit 2
     ;;
 esac

@@ -71,6 +71,67 @@ def test_plot_only_redraws_without_training(smoke_run, tmp_path, data_dir):
     assert "exp1]" not in result.stdout  # nothing trained
 
 
+def _part(results, experiments, **config):
+    """The results a run of only `experiments` would have written."""
+    part = {"config": {**results["config"], "experiments": experiments, **config},
+            "env": results["env"]}
+    part.update({f"exp{n}": results[f"exp{n}"] for n in experiments})
+    return part
+
+
+def test_plot_only_merges_a_study_run_in_parts(smoke_run, tmp_path, data_dir):
+    whole = json.loads((smoke_run[0] / f"{NAME}.json").read_text())
+    parts = []
+    for name, experiments, run_only in (("a", [2], {"WORKERS": 1}), ("b", [1, 4], {}),
+                                        ("c", [3], {"DATA_DIR": "elsewhere"})):
+        (tmp_path / name).mkdir()
+        parts.append(tmp_path / name / f"{NAME}.json")
+        parts[-1].write_text(json.dumps(_part(whole, experiments, **run_only)))
+    result = cli("--plot-only", *map(str, parts), "--out", str(tmp_path / "merged"),
+                 data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    merged = json.loads((tmp_path / "merged" / f"{NAME}.json").read_text())
+    for n in (1, 2, 3, 4):
+        assert merged[f"exp{n}"] == whole[f"exp{n}"]
+    assert merged["config"]["experiments"] == [1, 2, 3, 4]
+    assert [p["experiments"] for p in merged["parts"]] == [["exp2"], ["exp1", "exp4"], ["exp3"]]
+    assert merged["parts"][0]["config"]["WORKERS"] == 1  # each part's own, as it ran
+    for figure in (NAME, "neural_collapse_layers", "neural_collapse_width_epoch"):
+        assert (tmp_path / "merged" / f"{figure}.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("second, named", [
+    ((1,), "exp1 is in both"),                                      # an experiment twice
+    ((2,), "LABEL_NOISE=0.1"),                                      # another study
+])
+def test_plot_only_refuses_files_that_are_not_parts_of_one_study(smoke_run, tmp_path,
+                                                                   data_dir, second, named):
+    whole = json.loads((smoke_run[0] / f"{NAME}.json").read_text())
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_part(whole, [1])))
+    b.write_text(json.dumps(_part(whole, list(second), **(
+        {"LABEL_NOISE": 0.1} if second == (2,) else {}))))
+    result = cli("--plot-only", str(a), str(b), "--out", str(tmp_path / "m"),
+                 data_dir=data_dir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert named in lines[-1] and "Traceback" not in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_plot_only_of_several_files_needs_an_out_that_overwrites_none(smoke_run, tmp_path,
+                                                                       data_dir):
+    whole = json.loads((smoke_run[0] / f"{NAME}.json").read_text())
+    (tmp_path / "a").mkdir()
+    a, b = tmp_path / "a" / f"{NAME}.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_part(whole, [1])))
+    b.write_text(json.dumps(_part(whole, [2])))
+    for out in ([], ["--out", str(tmp_path / "a")]):
+        result = cli("--plot-only", str(a), str(b), *out, data_dir=data_dir)
+        assert result.returncode == 2 and "--out" in result.stderr.strip().splitlines()[-1]
+    assert json.loads(a.read_text()) == _part(whole, [1])
+
+
 def test_figure_marks_experiments_that_were_not_run(tmp_path, data_dir):
     result = cli("--preset", "smoke", "--experiments", "3", "--out", str(tmp_path),
                  data_dir=data_dir)
