@@ -148,6 +148,8 @@ _FIXED = {"NUM_CLASSES", "PRESETS"}
 _HYPERPARAMETER_NAMES = [name for name, value in list(globals().items())
                          if name.isupper() and not name.startswith("_") and name not in _FIXED
                          and isinstance(value, (bool, int, float, str, list, dict, type(None)))]
+# Their values as this file defines them: `--set` checks a value's type against these.
+_DEFAULTS = {name: globals()[name] for name in _HYPERPARAMETER_NAMES}
 
 
 # ----------------------------------------------------------------------------------------
@@ -3421,8 +3423,6 @@ def main(argv=None):
         return 143 if isinstance(stop, Terminated) else 130
     return 0
 
-
-_DEFAULTS = {name: value for name, value in hyperparameters().items()}
 
 if __name__ == "__main__":
     sys.exit(main())
