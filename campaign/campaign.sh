@@ -15,6 +15,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 trees=${CAMPAIGN_TREES:-/tmp/ncc-campaign}
+preset=${CAMPAIGN_PRESET:-full}  # another preset only to try this script out quickly
 mkdir -p "$trees"
 
 parts() { grep -v '^#' "$root/campaign/pins.txt" | awk 'NF == 3'; }
@@ -37,7 +38,7 @@ start)
             echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') start: commit $commit," \
                  "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
         } >> "$out/log.txt"
-        (cd "$tree" && exec nohup nice -n 19 python neural_collapse_cka.py --preset full \
+        (cd "$tree" && exec nohup nice -n 19 python neural_collapse_cka.py --preset "$preset" \
             --device cpu --experiments "$experiments" --set PROGRESS_SECONDS=600 \
             --out "$out" >> "$out/log.txt" 2>&1) &
         echo $! > "$trees/$name.pid"
@@ -78,7 +79,7 @@ collect)
     while read -r name commit experiments; do
         tree="$trees/$commit"
         [ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$commit" >/dev/null
-        (cd "$tree" && python neural_collapse_cka.py --preset full --device cpu \
+        (cd "$tree" && python neural_collapse_cka.py --preset "$preset" --device cpu \
             --experiments "$experiments" --set PROGRESS_SECONDS=600 \
             --out "$root/campaign/$name" --collect) | tail -n 1
         # code older than the provenance in every results file did not note its commit
