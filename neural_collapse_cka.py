@@ -1798,8 +1798,8 @@ class Workers:
                           "models are saved, rerun the same command to resume")
 
     def close(self):
-        """End every worker: idle ones when their pipe closes, busy ones by SIGTERM, and
-        any still there after 5 s by SIGKILL."""
+        """End every worker: close the pipes (an idle worker then returns by itself),
+        SIGTERM each one still running, and SIGKILL any still there after 5 s."""
         for pipe in self.pipes:
             pipe.close()
         for process in self.processes:
