@@ -37,6 +37,7 @@ References
 import argparse
 import ast
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -68,7 +69,6 @@ _IMPORT_SECONDS = max(time.perf_counter() - _IMPORT_START, 0.5)
 SEED = 42                      # root of every derived seed (data noise, inits, data order)
 LABEL_NOISE = 0.20             # fraction of training labels moved to a different class
 NUM_CLASSES = 10
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 TRAIN_SUBSET = None            # None: all 4000 training samples; an int: a stratified subset
 REPLICATES = 1                 # models per Exp 1-3 point, each with its own derived seed
 
@@ -78,20 +78,6 @@ SGD_MOMENTUM = 0.9
 SGD_WEIGHT_DECAY = 5e-4
 ADAM_LR = 1e-3                 # Adam, constant learning rate
 ADAM_WEIGHT_DECAY = 1e-4
-FUSED = True                   # train models of one architecture side by side (FusedModels)
-WORKERS = 0                    # CPU worker processes; 0: one per core this process may use
-                               # (GPU: 1). Each group trains on one thread whatever the count
-CPU_GROUP_WIDTH = 64           # CPU: neighbouring widths fused while G x widest <= this
-FLUSH_DENORMALS = True         # CPU: subnormal floats (below 1.2e-38) computed as 0 (FTZ and
-                               # DAZ): in long runs weight decay drives idle weights and
-                               # Adam's moments there, where x86 arithmetic is many times
-                               # slower
-CUDA_GRAPHS = False            # GPU: replay each epoch after the first as one CUDA graph
-                               # (EpochGraph); not yet run on a GPU, so off by default
-PROGRESS_SECONDS = 30.0        # a progress line for each training group at least this often
-SNAPSHOT_SECONDS = 120.0       # a group in training saves its state at least this often, so
-                               # a stop loses at most this much of its training (not results)
-
 # Exp 1: model-wise double descent and NC across widths
 WIDTHS = [2, 4, 6, 8, 10, 12, 16, 24, 32, 48, 64]
 EPOCHS_MODEL_WISE = 3000
@@ -119,7 +105,34 @@ CKA_CONV = "pool"              # conv activations (n, C, L): "pool" over L, or "
 # Metrics: Sigma_B is pseudo-inverted on its top min(K-1, d) eigenpairs, and of those only
 # eigenvalues above PINV_RTOL * (largest eigenvalue) are kept (see `nc1_pinv`).
 PINV_RTOL = 1e-10
+
+# Run settings: how the study runs, not what it is. None changes a number beyond its last
+# digits. Those marked (rounding) can change rounding, so a record's key holds what they
+# decide: which models trained fused together, the threads a group trained on and the
+# rounding mode, with the device type. The others change no number.
+_STUDY_NAMES = set(globals())
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+FUSED = True                   # (rounding) train models of one architecture side by side
+                               # (FusedModels)
+CPU_GROUP_WIDTH = 64           # (rounding) CPU: neighbouring widths fused while G x widest
+                               # <= this
+WORKERS = 0                    # (rounding) CPU worker processes; 0: one per core this
+                               # process may use (GPU: 1). With two or more, each group
+                               # trains on one thread, so 2 and 16 give the same numbers;
+                               # with 1, on all of torch's threads
+FLUSH_DENORMALS = True         # (rounding) CPU: subnormal floats (below 1.2e-38) computed
+                               # as 0 (FTZ and DAZ): in long runs weight decay drives idle
+                               # weights and Adam's moments there, where x86 arithmetic is
+                               # many times slower
+CUDA_GRAPHS = False            # (rounding) GPU: replay each epoch after the first as one
+                               # CUDA graph (EpochGraph); not yet run on a GPU, so off by
+                               # default
+PROGRESS_SECONDS = 30.0        # a progress line for each training group at least this often
+SNAPSHOT_SECONDS = 120.0       # a group in training saves its state at least this often, so
+                               # a stop loses at most this much of its training (not results)
 FIGURE_DPI = 110
+RUN_SETTINGS = [name for name in globals() if name.isupper() and not name.startswith("_")
+                and name not in _STUDY_NAMES]
 
 # Presets: overrides of the globals above. `full` is the study as specified; `quick` draws
 # the whole figure in minutes on a 2-core CPU, on a stratified 1000-sample training subset
@@ -144,7 +157,7 @@ PRESETS = {
     },
 }
 # Everything above is a hyperparameter that `--set` may override, except these facts.
-_FIXED = {"NUM_CLASSES", "PRESETS"}
+_FIXED = {"NUM_CLASSES", "PRESETS", "RUN_SETTINGS"}
 _HYPERPARAMETER_NAMES = [name for name, value in list(globals().items())
                          if name.isupper() and not name.startswith("_") and name not in _FIXED
                          and isinstance(value, (bool, int, float, str, list, dict, type(None)))]
@@ -758,6 +771,15 @@ def _restart_openmp_threads():
             return
 
 
+# What a trained model depends on beyond its spec (architecture, width, epochs, ...): the
+# data, its order and the NC1 pseudo-inverse's cut-off, for every model, then its
+# optimizer's settings; an experiment may declare more (`Experiment.settings`). With the
+# spec they make up the settings in a record's key (`record_key`).
+TRAINING_SETTINGS = ["SEED", "LABEL_NOISE", "TRAIN_SUBSET", "BATCH_SIZE", "PINV_RTOL"]
+OPTIMIZER_SETTINGS = {"SGD": ["SGD_LR", "SGD_MOMENTUM", "SGD_WEIGHT_DECAY"],
+                      "Adam": ["ADAM_LR", "ADAM_WEIGHT_DECAY"]}
+
+
 def make_optimizer(params, name, epochs):
     """SGD + momentum with cosine annealing to 0 over `epochs`, or constant-rate Adam, over
     the tensors `params`."""
@@ -1194,14 +1216,60 @@ def experiment_data(device):
     return data
 
 
-def training_config():
-    """Every global that can change a trained model or its measurements. The lists of which
-    models to run (WIDTHS, DIMS, ...) and the epoch counts are left out: a model's own
-    width and epochs are part of its record key instead."""
-    skip = {"WIDTHS", "DIMS", "EPOCH_WISE_WIDTHS", "CKA_SEEDS", "REPLICATES", "DATA_DIR",
-            "FIGURE_DPI", "PROGRESS_SECONDS", "SNAPSHOT_SECONDS"}
-    return {name: value for name, value in hyperparameters().items()
-            if name not in skip and not name.startswith("EPOCHS_")}
+def model_seed(experiment, spec):
+    """A model's seed: its spec's own "seed" (Exp 4's), else derived from its experiment's
+    name and its architecture, optimizer, width or d, and replicate (`derive_seed`)."""
+    return spec.get("seed", derive_seed(experiment, spec["arch"], spec["optimizer"],
+                                        spec.get("d") or spec["width"],
+                                        spec.get("replicate", 0)))
+
+
+def fit_group(experiment, group, data, measure=None, on_epoch=None, load_state=None,
+              save_state=None):
+    """Train one group of `experiment`'s models fused (`train_models`) and measure them:
+    `measure(spec, model, epoch, data)` at each epoch in their checkpoints, `analyse_model`
+    once trained. Returns [(record, trained model)], a record being the model's spec, seed,
+    parameter count, fit, analysis, checkpoint measurements and seconds.
+
+    `save_state(state)`, when given, keeps the group's state while it trains (at least
+    every SNAPSHOT_SECONDS), checkpoint measurements included; `load_state()` returns the
+    state a stopped run left, or None, and training goes on from it as if never stopped."""
+    start = time.time()
+    seeds = [model_seed(experiment, spec) for spec in group]
+    models = [make_model(s["arch"], s["width"], seed, s.get("d"))
+              for s, seed in zip(group, seeds)]
+    resume = load_state() if load_state else None
+    if resume is None:
+        resume = {"training": None, "measured": [[] for _ in group],
+                  "measuring": [0.0] * len(group), "seconds": 0.0, "measure": None}
+    measured, measuring = resume["measured"], resume["measuring"]
+    if resume["measure"] is not None:
+        measure.load_state_dict(resume["measure"])
+
+    def on_checkpoint(g, model, epoch):
+        started = time.time()
+        measured[g].append(_json_ready(measure(group[g], model, epoch, data)))
+        measuring[g] += time.time() - started
+
+    def save_snapshot(training):
+        save_state({"training": training, "measured": measured, "measuring": measuring,
+                    "seconds": resume["seconds"] + time.time() - start,
+                    "measure": measure.state_dict() if hasattr(measure, "state_dict")
+                    else None})
+
+    trained = train_models(
+        models, data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
+        group[0].get("checkpoints", ()), on_checkpoint, on_epoch,
+        save_snapshot if save_state else None, resume["training"])
+    # wall time shared by a fused group, its checkpoint measures included
+    seconds = (resume["seconds"] + time.time() - start) / len(group)
+    return [({**spec, "seed": seed, "params": count_parameters(model), **fit,
+              **analyse_model(model, data, diverged=fit["diverged"]), "checkpoints": curve,
+              "seconds": seconds, "checkpoint_seconds": checkpoint_seconds,
+              "trained_with": len(group), "device": data["x_train"].device.type},
+             model.eval())
+            for spec, seed, model, fit, curve, checkpoint_seconds
+            in zip(group, seeds, models, trained, measured, measuring)]
 
 
 def model_work(spec):
@@ -1337,9 +1405,36 @@ def provenance(device_type):
             "gpu": torch.cuda.get_device_name() if device_type == "cuda" else None}
 
 
-# Set by `collect_study` alone: records are looked up under this device type (the shards'),
-# whatever device this process has, and nothing is ever trained.
-_COLLECT_FROM = None
+def group_threads(device_type):
+    """The threads a group trains on (`ModelRuns._fit_groups`): on a CPU one with two or
+    more workers, else all of torch's; None on a GPU, where the count is not ours."""
+    if device_type != "cpu":
+        return None
+    return 1 if worker_count(device_type) > 1 else torch.get_num_threads()
+
+
+def rounding_context(device_type):
+    """What besides a model's group can change its rounding on `device_type`: the device
+    type, the threads its group trains on and the rounding mode (FLUSH_DENORMALS on a
+    CPU, CUDA_GRAPHS on a GPU). Part of every record's key."""
+    context = {"device": device_type, "threads": group_threads(device_type)}
+    if device_type == "cpu":
+        context["flush_denormals"] = FLUSH_DENORMALS
+    else:
+        context["cuda_graphs"] = CUDA_GRAPHS
+    return context
+
+
+def record_key(spec, group, settings, rounding):
+    """A model's record key: a digest of what can change its numbers and nothing else:
+    its spec, the specs of the group it trains fused with (padding and grouped kernels
+    round differently in another group), the settings its experiment and optimizer
+    declare (`model_settings`) and the rounding context (`rounding_context`). A setting
+    no experiment declares, a run setting such as PROGRESS_SECONDS, or a worker count
+    that gives the same threads never changes a key."""
+    blob = json.dumps({"model": spec, "group": group, "settings": settings,
+                       "rounding": rounding}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 class NotCollectable(RuntimeError):
@@ -1347,31 +1442,33 @@ class NotCollectable(RuntimeError):
 
 
 class ModelRuns:
-    """Trains models, or loads their records from `records_dir` when an earlier run of the
-    same configuration finished them; prints one progress line per model with an ETA."""
+    """The record store of one experiment: trains its models (`fit_group`), or loads their
+    records from `records_dir` when an earlier run with the same key finished them; prints
+    one progress line per model with an ETA. With train=False (a collect) it only loads.
 
-    def __init__(self, experiment, data, records_dir=None, log=print, device_type=None):
+    `rounding` is the rounding context the records are keyed under (default: this
+    process's, on the data's device); `run` is the command line's {"estimates", "taken"}
+    of every experiment, for the time left in the whole run (`_left`)."""
+
+    def __init__(self, experiment, data, records_dir=None, log=print, rounding=None,
+                 train=True, run=None):
         self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
-        # the device type in record keys: `device_type`, else a collect's, else the data's
-        self.device_type = device_type or _COLLECT_FROM or data["x_train"].device.type
+        self.rounding = rounding or rounding_context(data["x_train"].device.type)
+        self.device_type, self.train, self.run = self.rounding["device"], train, run
         self.count, self.trained_cost = 0, 0
         self.train_start, self.todo_cost, self.finished, self.last_progress = None, 0, set(), 0.0
         self.partial_cost = 0  # work done in groups that workers are still training
         self.resumed = {}  # {snapshot path: the epoch a stopped group resumes after}
 
-    def key(self, spec):
-        # the CKA settings only change what Exp 4 measures during training
-        config = {name: value for name, value in training_config().items()
-                  if self.experiment == "exp4" or not name.startswith("CKA_")}
-        blob = json.dumps({"model": spec, "config": config, "device": self.device_type},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    def key(self, spec, group):
+        return record_key(spec, group, model_settings(self.experiment, spec), self.rounding)
 
-    def _paths(self, spec):
+    def _paths(self, spec, group):
         name = f"{spec['arch']}_{spec['optimizer']}_w{spec['width']}"
         if spec.get("replicate"):
             name += f"_r{spec['replicate']}"
-        stem = os.path.join(self.records_dir, self.experiment, f"{name}_{self.key(spec)}")
+        stem = os.path.join(self.records_dir, self.experiment,
+                            f"{name}_{self.key(spec, group)}")
         return stem + ".json", stem + ".pt"
 
     def snapshot_path(self, group):
@@ -1379,34 +1476,33 @@ class ModelRuns:
         models' keys, so a change of configuration never resumes from a stale one."""
         if not self.records_dir:
             return None
-        keys = hashlib.sha256(" ".join(map(self.key, group)).encode()).hexdigest()[:20]
-        return os.path.join(self.records_dir, self.experiment, f"group_{keys}.snapshot")
-
-    def seed(self, spec):
-        return spec.get("seed", derive_seed(self.experiment, spec["arch"], spec["optimizer"],
-                                            spec.get("d") or spec["width"],
-                                            spec.get("replicate", 0)))
+        keys = " ".join(self.key(spec, group) for spec in group)
+        digest = hashlib.sha256(keys.encode()).hexdigest()[:20]
+        return os.path.join(self.records_dir, self.experiment, f"group_{digest}.snapshot")
 
     def groups(self, specs):
         return fused_groups(specs, self.device_type)
 
-    def stored_record(self, spec):
-        """The JSON record a finished model left, or None (no weights are loaded)."""
-        if not self.records_dir:
-            return None
-        try:
-            with open(self._paths(spec)[0]) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+    def stored_records(self, specs):
+        """The JSON record each finished model of `specs` left, or None (no weights are
+        loaded), in the order of `specs`."""
+        found = {}
+        for group in self.groups(specs):
+            for spec in group:
+                try:
+                    with open(self._paths(spec, group)[0]) as f:
+                        found[json.dumps(spec, sort_keys=True)] = json.load(f)
+                except (OSError, ValueError, TypeError):
+                    pass
+        return [found.get(json.dumps(spec, sort_keys=True)) for spec in specs]
 
-    def load(self, spec, keep_model=False):
+    def load(self, spec, group, keep_model=False):
         """(record, model or None) of a finished model, or None when it has no readable
         record: none yet, or one that a crash, a full disk or a shared filesystem left
         truncated or corrupt (then with a one-line warning: it counts as missing)."""
         if not self.records_dir:
             return None
-        json_path, weights_path = self._paths(spec)
+        json_path, weights_path = self._paths(spec, group)
         if not os.path.exists(json_path):
             return None
         try:
@@ -1434,20 +1530,20 @@ class ModelRuns:
         exactly the groups of an uninterrupted one; a group stopped in training goes on
         from its snapshot (`snapshot_path`), and one a kill left partly saved is trained
         again whole (fused models round differently in another group, see FusedModels)."""
-        index = {self.key(spec): i for i, spec in enumerate(specs)}
+        index = {json.dumps(spec, sort_keys=True): i for i, spec in enumerate(specs)}
         done, todo = {}, []
         for group in self.groups(specs):
-            loaded = [self.load(spec, keep_models) for spec in group]
+            loaded = [self.load(spec, group, keep_models) for spec in group]
             if any(item is None for item in loaded):
                 todo.append(group)
                 continue
             for spec, item in zip(group, loaded):
-                done[index[self.key(spec)]] = item
+                done[index[json.dumps(spec, sort_keys=True)]] = item
                 self._report(spec, item[0], cached=True)
-            if not _COLLECT_FROM:  # a collect writes nothing
+            if self.train:  # a collect writes nothing
                 self._drop_snapshot(group)  # one a kill left just after the records
         todo = [group for group in todo if select is None or select(group)]
-        if todo and _COLLECT_FROM:
+        if todo and not self.train:
             raise NotCollectable(f"{sum(map(len, todo))} models of {self.experiment} have no "
                                  "readable record")
         for group in todo:
@@ -1462,8 +1558,8 @@ class ModelRuns:
                 self.trained_cost += self._cost_to(group)
                 with stops_deferred():
                     for spec, (record, model) in zip(group, fitted):
-                        done[index[self.key(spec)]] = (self._store(spec, record, model),
-                                                       model)
+                        done[index[json.dumps(spec, sort_keys=True)]] = (
+                            self._store(spec, group, record, model), model)
                     self._drop_snapshot(group)
         missing = (None, None)
         records = [done.get(i, missing)[0] for i in range(len(specs))]
@@ -1479,16 +1575,13 @@ class ModelRuns:
         run, a resumed run or a shard has left. Progress lines come from this process:
         workers write the epoch they are at into shared memory."""
         workers = worker_count(self.data["x_train"].device.type)
-        if workers < 2:
-            for i, group in enumerate(groups):
-                yield group, self._fit_group(group, measure, self._epoch_counter(i, group),
-                                             self.snapshot_path(group))
-            return
-        with torch_threads(1):
-            if len(groups) < 2:
+        with torch_threads(group_threads(self.device_type) or torch.get_num_threads()):
+            if workers < 2 or len(groups) < 2:
                 for i, group in enumerate(groups):
-                    yield group, self._fit_group(group, measure, self._epoch_counter(i, group),
-                                                 self.snapshot_path(group))
+                    path = self.snapshot_path(group)
+                    yield group, fit_group(self.experiment, group, self.data, measure,
+                                           self._epoch_counter(i, group),
+                                           *snapshot_files(path))
                 return
             epochs_done = _shared_counters(len(groups))
             calls = [(_worker_fit, (self.experiment, self.data, group, measure, i,
@@ -1526,72 +1619,18 @@ class ModelRuns:
         left = _eta(time.time() - self.train_start, progressed, self.todo_cost)
         for group, epoch in training.values():
             self.log(f"[{self.experiment}] {_describe_group(group)}: epoch {epoch} of "
-                     f"{group[0]['epochs']}; {_left(self.experiment, left)}")
+                     f"{group[0]['epochs']}; {_left(self.experiment, left, self.run)}")
 
     def _rebuild(self, spec, state):
         model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
         model.load_state_dict(state)
         return model.to(self.data["x_train"].device).eval()
 
-    def _fit_group(self, group, measure=None, on_epoch=None, snapshot_path=None):
-        """Train one group; [(record, trained model)]. Nothing is saved but, with a
-        `snapshot_path`, the group's state while it trains, from which it resumes."""
-        start = time.time()
-        seeds = [self.seed(spec) for spec in group]
-        models = [make_model(s["arch"], s["width"], seed, s.get("d"))
-                  for s, seed in zip(group, seeds)]
-        resume = self._load_snapshot(snapshot_path)
-        if resume is None:
-            resume = {"training": None, "measured": [[] for _ in group],
-                      "measuring": [0.0] * len(group), "seconds": 0.0, "measure": None}
-        measured, measuring = resume["measured"], resume["measuring"]
-        if resume["measure"] is not None:
-            measure.load_state_dict(resume["measure"])
-
-        def on_checkpoint(g, model, epoch):
-            started = time.time()
-            measured[g].append(_json_ready(measure(group[g], model, epoch, self.data)))
-            measuring[g] += time.time() - started
-
-        def save_snapshot(training):
-            state = {"training": training, "measured": measured, "measuring": measuring,
-                     "seconds": resume["seconds"] + time.time() - start,
-                     "measure": measure.state_dict() if hasattr(measure, "state_dict") else None}
-            write_atomic(snapshot_path, lambda f: torch.save(state, f))
-
-        trained = train_models(
-            models, self.data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
-            group[0].get("checkpoints", ()), on_checkpoint, on_epoch,
-            save_snapshot if snapshot_path else None, resume["training"])
-        # wall time shared by a fused group, its checkpoint measures included
-        seconds = (resume["seconds"] + time.time() - start) / len(group)
-        fitted = []
-        for spec, seed, model, fit, curve, checkpoint_seconds in zip(
-                group, seeds, models, trained, measured, measuring):
-            if fit["diverged"]:
-                nan_nc = dict.fromkeys(NC_NAMES, float("nan"))
-                scores = {"train_err": float("nan"), "test_err": float("nan"),
-                          "train_loss": float("nan"), "test_loss": float("nan"),
-                          "nc_train": nan_nc, "nc_test": dict(nan_nc),
-                          "per_layer": {layer: dict.fromkeys(LAYER_NC_NAMES, float("nan"))
-                                        for layer in LAYERS}}
-                with warnings.catch_warnings():  # NaN weights: NaN spectra, not a warning each
-                    warnings.simplefilter("ignore")
-                    scores["esd"] = model_esd(model)
-            else:
-                scores = analyse_model(model, self.data)
-            fitted.append(({**spec, "seed": seed, "params": count_parameters(model), **fit,
-                            **scores, "checkpoints": curve, "seconds": seconds,
-                            "checkpoint_seconds": checkpoint_seconds,
-                            "trained_with": len(group), "device": self.device_type},
-                           model.eval()))
-        return fitted
-
     def _note_snapshot(self, group):
         """Before training: the epoch a stopped group's snapshot holds, logged and kept
         for the time estimates (an unreadable snapshot is removed: the group starts over)."""
         path = self.snapshot_path(group)
-        state = self._load_snapshot(path)
+        state = load_snapshot(path)
         if state is None:
             self._drop_snapshot(group)
             return
@@ -1605,11 +1644,11 @@ class ModelRuns:
         snapshot's epoch over its epochs, else 0 (for the plan)."""
         if not self.records_dir:
             return 0.0
-        if all(os.path.exists(self._paths(spec)[0]) for spec in group):
+        if all(os.path.exists(self._paths(spec, group)[0]) for spec in group):
             return 1.0
         with warnings.catch_warnings():  # an unreadable snapshot is reported when it is met
             warnings.simplefilter("ignore")
-            state = self._load_snapshot(self.snapshot_path(group))
+            state = load_snapshot(self.snapshot_path(group))
         return 0.0 if state is None else state["training"]["epoch"] / group[0]["epochs"]
 
     def _drop_snapshot(self, group):
@@ -1625,24 +1664,13 @@ class ModelRuns:
         end = group[0]["epochs"] if epoch is None else epoch
         return group_cost(group) * max(end - start, 0) / group[0]["epochs"]
 
-    def _load_snapshot(self, path):
-        """The state a stopped group saved, or None: none, or unreadable (with a warning;
-        the group then starts over)."""
-        if not path or not os.path.exists(path):
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
-                          "starts over")
-            return None
-
-    def _store(self, spec, record, model):
+    def _store(self, spec, group, record, model):
         """Save a finished model's record and weights (when there is a records_dir), report
         it, and return the record as it reads back from JSON."""
-        record = {**record, "provenance": provenance(self.device_type)}
+        record = {**record, "rounding": self.rounding,
+                  "provenance": provenance(self.device_type)}
         if self.records_dir:
-            json_path, weights_path = self._paths(spec)
+            json_path, weights_path = self._paths(spec, group)
             state = {k: v.cpu() for k, v in model.state_dict().items()}
             write_atomic(weights_path, lambda f: torch.save(state, f))
             save_json(json_path, record)  # written last: its presence marks it done
@@ -1658,7 +1686,8 @@ class ModelRuns:
         if not cached:
             left = _eta(time.time() - self.train_start,
                         self.trained_cost + self.partial_cost, self.todo_cost)
-            eta = _left(self.experiment, left) if self.trained_cost < self.todo_cost else ""
+            eta = (_left(self.experiment, left, self.run)
+                   if self.trained_cost < self.todo_cost else "")
         what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
         if spec.get("d") is not None:
             what += f" d={spec['d']}"
@@ -1673,7 +1702,39 @@ class ModelRuns:
                  f"{self.count} done{'; ' + eta if eta else ''}")
 
 
-_EPOCHS_DONE = None  # in a worker: shared memory for the epoch each job has reached
+def load_snapshot(path):
+    """The state a stopped group saved, or None: none, or unreadable (with a warning; the
+    group then starts over)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
+                      "starts over")
+        return None
+
+
+def snapshot_files(path):
+    """(load_state, save_state) for `fit_group`, on the snapshot file `path` (None: no
+    snapshots)."""
+    if path is None:
+        return None, None
+    return (lambda: load_snapshot(path),
+            lambda state: write_atomic(path, lambda f: torch.save(state, f)))
+
+
+def run_experiment(number, setup, device=None, records_dir=None, log=print, rounding=None,
+                   train=True, run=None):
+    """Experiment `number` as `setup` (what its setup function returns) describes it: its
+    models trained, or loaded from `records_dir`, then summarised, as a plain JSON-ready
+    dict. The run_* drivers and the command line both come here; `rounding`, `train` and
+    `run` are as in ModelRuns."""
+    experiment = EXPERIMENTS[number]
+    data = experiment_data(resolve_device(device))
+    runs = ModelRuns(experiment.name, data, records_dir, log, rounding, train, run)
+    records, models = runs.run_many(setup["specs"], setup["measure"], keep_models=True)
+    return _json_ready(experiment.summarise(setup, records, models, data))
 
 
 @contextlib.contextmanager
@@ -1729,9 +1790,13 @@ class Workers:
     and ends on SIGTERM, removing a half-written file on the way (`write_atomic`). A
     worker that SIGTERM ended stops the run as a SIGTERM here would; one that died
     otherwise (out of memory, say) raises WorkerError. Leaving the `with` block ends every
-    worker within seconds, whatever it was doing."""
+    worker within seconds, whatever it was doing.
 
-    def __init__(self, count, settings, epochs_done):
+    Every worker applies `settings` (the hyperparameters) before its first call. `shared`,
+    when given (shared memory, which cannot travel through a pipe), is handed to every
+    call as its first argument."""
+
+    def __init__(self, count, settings, shared=None):
         import multiprocessing
         context = multiprocessing.get_context("spawn")
         self.processes, self.pipes = [], []
@@ -1740,7 +1805,7 @@ class Workers:
                 for _ in range(count):
                     pipe, worker_end = context.Pipe()
                     process = context.Process(target=_worker_main, daemon=True,
-                                              args=(worker_end, settings, epochs_done))
+                                              args=(worker_end, settings, shared))
                     process.start()
                     worker_end.close()
                     self.processes.append(process)
@@ -1813,10 +1878,8 @@ class Workers:
                 process.join()
 
 
-def _worker_main(pipe, settings, epochs_done):
+def _worker_main(pipe, settings, shared):
     """A worker process: runs the calls that come through `pipe` until it closes."""
-    global _EPOCHS_DONE
-    _EPOCHS_DONE = epochs_done
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     torch.set_num_threads(1)
@@ -1829,7 +1892,7 @@ def _worker_main(pipe, settings, epochs_done):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already; nothing to undo
             return
         try:
-            reply = (True, function(*args))
+            reply = (True, function(*args) if shared is None else function(shared, *args))
         except Exception:
             import traceback
             reply = (False, "in a worker process:\n" + traceback.format_exc())
@@ -1850,16 +1913,15 @@ def _exit_with_parent(parent):
     os._exit(1)
 
 
-def _worker_fit(experiment, data, group, measure, index, snapshot_path):
+def _worker_fit(epochs_done, experiment, data, group, measure, index, snapshot_path):
     """In a worker process: train one group on the parent's data (a worker that loaded
-    it itself would pay about 0.9 s importing mnist1d and scipy); the records and weights
-    go back to the parent, which alone writes them and prints progress. The group's
-    snapshots, only this process has."""
-    runs = ModelRuns(experiment, data, log=None)
-    on_epoch = functools.partial(_EPOCHS_DONE.__setitem__, index)
+    it itself would pay about 0.9 s importing mnist1d and scipy), writing the epoch it has
+    reached into epochs_done[index]; the records and weights go back to the parent, which
+    alone writes them and prints progress. The group's snapshots, only this process has."""
+    on_epoch = functools.partial(epochs_done.__setitem__, index)
     return index, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
-                   for record, model in runs._fit_group(group, measure, on_epoch,
-                                                        snapshot_path)]
+                   for record, model in fit_group(experiment, group, data, measure, on_epoch,
+                                                  *snapshot_files(snapshot_path))]
 
 
 def _eta(elapsed, progressed, total):
@@ -1869,24 +1931,21 @@ def _eta(elapsed, progressed, total):
     return elapsed / progressed * max(total - progressed, 0) if progressed > 0 else None
 
 
-# The plan's estimate of each experiment of a command-line run, and the seconds taken by
-# those already finished: they give the time left in the whole run (`_left`).
-_RUN = {"estimates": {}, "taken": {}}
-
-
-def _left(experiment, seconds):
-    """'exp1 ~5m left, run ~1h02m left': this experiment's time left and the run's, where
-    each later experiment takes its estimate scaled by this run's pace so far (the seconds
-    the finished experiments took over their estimates)."""
+def _left(experiment, seconds, run=None):
+    """'exp1 ~5m left, run ~1h02m left': this experiment's time left and, in a command-line
+    run (`run`: the plan's estimate of each experiment, and the seconds taken by those
+    already finished), the run's, where each later experiment takes its estimate scaled by
+    this run's pace so far (the seconds the finished experiments took over their
+    estimates)."""
     if seconds is None:
         return ""
     text = f"{experiment} ~{_duration(seconds)} left"
-    later = [e for e in _RUN["estimates"] if e not in _RUN["taken"] and e != experiment]
-    if _RUN["estimates"]:  # a command-line run: the whole run's time left too
-        finished = [e for e in _RUN["taken"] if e in _RUN["estimates"]]
-        estimated = sum(_RUN["estimates"][e] for e in finished)
-        pace = sum(_RUN["taken"][e] for e in finished) / estimated if estimated else 1.0
-        total = seconds + pace * sum(_RUN["estimates"][e] for e in later)
+    if run and run["estimates"]:
+        later = [e for e in run["estimates"] if e not in run["taken"] and e != experiment]
+        finished = [e for e in run["taken"] if e in run["estimates"]]
+        estimated = sum(run["estimates"][e] for e in finished)
+        pace = sum(run["taken"][e] for e in finished) / estimated if estimated else 1.0
+        total = seconds + pace * sum(run["estimates"][e] for e in later)
         text += f", run ~{_duration(total)} left"
     return text
 
@@ -2038,14 +2097,17 @@ def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
     curves["epoch"] (MODEL_WISE_POINTS of them), as lists over widths of lists over epochs
     (each replicate's under curves["replicates"]); evaluating them leaves training as it
     would be without them."""
-    setup = model_wise_setup(epochs, widths, archs, optimizers, replicates)
+    return run_experiment(1, model_wise_setup(epochs, widths, archs, optimizers, replicates),
+                          device, records_dir, log)
+
+
+def model_wise_summary(setup, records, models, data):
+    """Exp 1's results (`run_model_wise_complete`) from the records of `setup`'s models."""
     epochs, widths, replicates = setup["epochs"], setup["widths"], setup["replicates"]
-    data = experiment_data(resolve_device(device))
-    runs = ModelRuns("exp1", data, records_dir, log)
-    points = iter(_chunks(runs.run_many(setup["specs"], setup["measure"]), replicates))
+    points = iter(_chunks(records, replicates))
     out = {}
-    for arch in archs:
-        for opt in optimizers:
+    for arch in setup["archs"]:
+        for opt in setup["optimizers"]:
             by_width = [next(points) for _ in widths]
             curves = {"epoch": setup["grid"]}
             if setup["grid"]:
@@ -2057,7 +2119,7 @@ def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
                                     **_sweep_summary(by_width, _exp1_values),
                                     "curves": curves,
                                     "epochs": epochs, "replicate_count": replicates}
-    return _json_ready(out)
+    return out
 
 
 CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_weighted"]
@@ -2094,18 +2156,20 @@ def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=No
     ("alpha": layers with enough eigenvalues for a reliable fit; "alpha_weighted": every
     layer, weighted by the precision of its fit),
     with every replicate's values under "replicates"."""
-    setup = epoch_wise_setup(epochs, widths, replicates)
+    return run_experiment(2, epoch_wise_setup(epochs, widths, replicates), device,
+                          records_dir, log)
+
+
+def epoch_wise_summary(setup, records, models, data):
+    """Exp 2's results (`run_epoch_wise_dynamics`) from the records of `setup`'s models."""
     widths, grid = setup["widths"], setup["grid"]
-    data = experiment_data(resolve_device(device))
-    runs = ModelRuns("exp2", data, records_dir, log)
     out = {}
-    for name, records in zip(widths, _chunks(runs.run_many(setup["specs"], setup["measure"]),
-                                             setup["replicates"])):
+    for name, records in zip(widths, _chunks(records, setup["replicates"])):
         summary = _curve_summary(records, grid, CURVE_NAMES)
         summary["replicates"]["seed"] = [record["seed"] for record in records]
         out[name] = {"width": widths[name], "epoch": grid, **summary,
                      "diverged": any(record["diverged"] for record in records)}
-    return _json_ready(out)
+    return out
 
 
 def _exp3_values(record):
@@ -2121,7 +2185,8 @@ def generalized_nc_setup(epochs=None, dims=None, width=None, replicates=None):
     replicates = _check_replicates(replicates)
     specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs,
               "replicate": r} for d in dims for r in range(replicates)]
-    return dict(epochs=epochs, dims=dims, width=width, replicates=replicates, specs=specs)
+    return dict(epochs=epochs, dims=dims, width=width, replicates=replicates, specs=specs,
+                measure=None)
 
 
 def run_generalized_nc(epochs=None, dims=None, width=None, replicates=None, device=None,
@@ -2130,13 +2195,15 @@ def run_generalized_nc(epochs=None, dims=None, width=None, replicates=None, devi
     SGD, `replicates` models per d; NC metrics (training set) against d, the mean over
     replicates, with every replicate's values under "replicates". d < K-1 = 9 cannot hold a
     simplex ETF."""
-    setup = generalized_nc_setup(epochs, dims, width, replicates)
-    data = experiment_data(resolve_device(device))
-    runs = ModelRuns("exp3", data, records_dir, log)
-    by_d = _chunks(runs.run_many(setup["specs"]), setup["replicates"])
-    return _json_ready({"width": setup["width"], "d": setup["dims"],
-                        **_sweep_summary(by_d, _exp3_values), "epochs": setup["epochs"],
-                        "replicate_count": setup["replicates"]})
+    return run_experiment(3, generalized_nc_setup(epochs, dims, width, replicates), device,
+                          records_dir, log)
+
+
+def generalized_nc_summary(setup, records, models, data):
+    """Exp 3's results (`run_generalized_nc`) from the records of `setup`'s models."""
+    by_d = _chunks(records, setup["replicates"])
+    return {"width": setup["width"], "d": setup["dims"], **_sweep_summary(by_d, _exp3_values),
+            "epochs": setup["epochs"], "replicate_count": setup["replicates"]}
 
 
 CKA_CONV_MODES = ["pool", "flatten"]
@@ -2194,11 +2261,22 @@ def model_esd(model):
             "layers": layers}
 
 
-def analyse_model(model, data):
+def analyse_model(model, data, diverged=False):
     """Everything recorded about a trained model: `evaluate`'s errors and NC metrics, the
-    per-layer collapse and the weight spectra."""
-    return {**evaluate(model, data), "per_layer": layer_collapse(model, data),
-            "esd": model_esd(model)}
+    per-layer collapse and the weight spectra; NaN for all but the spectra when it
+    `diverged`."""
+    if not diverged:
+        return {**evaluate(model, data), "per_layer": layer_collapse(model, data),
+                "esd": model_esd(model)}
+    nan_nc = dict.fromkeys(NC_NAMES, float("nan"))
+    with warnings.catch_warnings():  # NaN weights: NaN spectra, not a warning each
+        warnings.simplefilter("ignore")
+        esd = model_esd(model)
+    return {"train_err": float("nan"), "test_err": float("nan"), "train_loss": float("nan"),
+            "test_loss": float("nan"), "nc_train": nan_nc, "nc_test": dict(nan_nc),
+            "per_layer": {layer: dict.fromkeys(LAYER_NC_NAMES, float("nan"))
+                          for layer in LAYERS},
+            "esd": esd}
 
 
 def cka_inputs(data):
@@ -2230,7 +2308,8 @@ def cka_setup(epochs=None, small_width=None, large_width=None, width=None, seeds
     base = {"arch": "ResNet", "optimizer": "Adam", "epochs": epochs}
     specs = ([{**base, "width": w} for w in (small, large)]
              + [{**base, "width": width, "seed": s} for s in seeds])
-    specs[2]["checkpoints"] = drift
+    # the drift model's checkpoints measure CKA: how is part of what its record holds
+    specs[2].update(checkpoints=drift, cka_estimator=estimator, cka_conv=conv)
     return dict(epochs=epochs, small=small, large=large, width=width, seeds=seeds,
                 estimator=estimator, conv=conv, specs=specs,
                 measure=DriftMeasure(estimator, conv))
@@ -2271,23 +2350,26 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
     4C the models of `seeds` compared pairwise, layer by layer. `estimator` (CKA_ESTIMATOR)
     is "linear" or "debiased"; `conv` (CKA_CONV) pools conv activations over length or
     flattens them."""
-    setup = cka_setup(epochs, small_width, large_width, width, seeds, drift_epochs,
-                      estimator, conv)
+    return run_experiment(4, cka_setup(epochs, small_width, large_width, width, seeds,
+                                       drift_epochs, estimator, conv),
+                          device, records_dir, log)
+
+
+def cka_summary(setup, records, trained, data):
+    """Exp 4's results (`run_cka_experiment`) from the records of `setup`'s models and the
+    trained models themselves (their representations of `cka_inputs`)."""
     small, large, width, seeds = setup["small"], setup["large"], setup["width"], setup["seeds"]
     conv, specs = setup["conv"], setup["specs"]
     similarity = CKA_ESTIMATORS[setup["estimator"]]
-    data = experiment_data(resolve_device(device))
     x_cka = cka_inputs(data)
-    runs = ModelRuns("exp4", data, records_dir, log)
     models = {}
-    for spec, record, model in zip(specs, *runs.run_many(specs, setup["measure"],
-                                                         keep_models=True)):
+    for spec, record, model in zip(specs, records, trained):
         models[(spec["width"], spec.get("seed"))] = (record,
                                                      layer_representations(model, x_cka, conv))
     small_reps, large_reps = models[(small, None)][1], models[(large, None)][1]
     drift_curve = models[(width, seeds[0])][0]["checkpoints"]
     pairs = [[a, b] for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-    return _json_ready({
+    return {
         "layers": LAYERS, "small_width": small, "large_width": large, "width": width,
         "cross_arch": [[similarity(a, b) for b in large_reps] for a in small_reps],
         "epochs": [c["epoch"] for c in drift_curve],
@@ -2299,11 +2381,12 @@ def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=No
                      models[(spec["width"], spec.get("seed"))][0]["test_err"]
                      for spec in specs},
         "cka_subset": len(x_cka), "cka_conv": conv, "estimator": setup["estimator"],
-        "epochs_trained": setup["epochs"]})
+        "epochs_trained": setup["epochs"]}
 
 
 # ----------------------------------------------------------------------------------------
-# 7. The composite figure: a 3 x 4 grid drawn from a results dict alone.
+# 7. Figures, drawn from a results dict alone: the composite (each experiment's panels,
+#    `plot_results`), the per-layer / weight-spectrum figure and the width x epoch picture.
 # ----------------------------------------------------------------------------------------
 CONFIG_STYLE = {"ResNet_SGD": ("tab:blue", "o"), "ResNet_Adam": ("tab:cyan", "s"),
                 "CNN_SGD": ("tab:red", "^"), "CNN_Adam": ("tab:orange", "v")}
@@ -2401,7 +2484,8 @@ def _plot_exp1(axes, exp1):
                       title_fontsize=7)
 
 
-def _plot_exp2(ax, exp2):
+def _plot_exp2(axes, exp2):
+    (ax,) = axes
     title = "Exp 2: epoch-wise double descent (Adam)"
     if not exp2:
         return _not_run(ax, title)
@@ -2418,7 +2502,8 @@ def _plot_exp2(ax, exp2):
     ax.legend(fontsize=7)
 
 
-def _plot_exp3(ax_nc1, ax_nc2, exp3):
+def _plot_exp3(axes, exp3):
+    ax_nc1, ax_nc2 = axes
     titles = ("Exp 3: NC1 vs feature dim d", "Exp 3: NC2 vs feature dim d")
     if not exp3:
         _not_run(ax_nc1, titles[0])
@@ -2443,7 +2528,8 @@ def _cka_name(exp4):
     return name + (", flattened convs" if exp4.get("cka_conv") == "flatten" else "")
 
 
-def _plot_exp4(ax_a, ax_b, ax_c, exp4):
+def _plot_exp4(axes, exp4):
+    ax_a, ax_b, ax_c = axes
     titles = ("Exp 4A: CKA small vs large", "Exp 4B: CKA to epoch-1 self",
               "Exp 4C: CKA across seeds")
     if not exp4:
@@ -2483,7 +2569,7 @@ def _plot_exp4(ax_a, ax_b, ax_c, exp4):
 def _run_summary(results):
     config, env = results.get("config", {}), results.get("env", {})
     walls = env.get("wall_seconds", {})
-    run = [e for e in ("exp1", "exp2", "exp3", "exp4") if results.get(e)]
+    run = [e.name for e in EXPERIMENTS.values() if results.get(e.name)]
     lines = [f"Preset        {config.get('preset', '?')}",
              f"Device        {env.get('device', '?')}",
              f"              {str(env.get('device_name', ''))[:28]}",
@@ -2532,26 +2618,6 @@ def _save_figure(fig, results, title, path, tight=True):
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     write_atomic(path, lambda f: fig.savefig(f, format=fmt, dpi=FIGURE_DPI))
     plt.close(fig)
-
-
-def plot_results(results, path):
-    """Draw the 3 x 4 composite figure of `results` (a dict as the drivers return it, or
-    as loaded from the results JSON) and write it atomically to `path`."""
-    fig, axes = _figure(3, 4, (20, 14))
-    _plot_exp1([axes[0, 0], axes[0, 1], axes[0, 2], axes[0, 3], axes[1, 0]],
-               results.get("exp1"))
-    _plot_exp2(axes[1, 1], results.get("exp2"))
-    _plot_exp3(axes[1, 2], axes[1, 3], results.get("exp3"))
-    _plot_exp4(axes[2, 0], axes[2, 1], axes[2, 2], results.get("exp4"))
-    info = axes[2, 3]
-    info.axis("off")
-    info.set_title("This run")
-    info.text(0.0, 1.0, _run_summary(results), va="top", ha="left", fontsize=9.5,
-              family="monospace", transform=info.transAxes)
-    for ax in axes.flat:
-        ax.grid(alpha=0.3) if ax.axison and ax is not axes[2, 0] else None
-    _save_figure(fig, results, "Double descent, neural collapse and CKA", path)
-
 
 
 def _plot_layer_nc1(ax, name, series):
@@ -2682,14 +2748,76 @@ def plot_width_epoch(results, path):
 
 
 # ----------------------------------------------------------------------------------------
+# The study's experiments: everything the command line, the presets, the composite figure
+# and the record keys know of each. Another experiment is one more entry and its functions.
+# ----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    number: int
+    title: str           # what it shows, for --help
+    setup: object        # keyword overrides (None: the globals) -> dict(its settings, "specs":
+                         # one dict per model, "measure": what checkpoints record, or None)
+    summarise: object    # (setup, records, trained models, data) -> its results dict
+    settings: tuple      # globals its models' numbers depend on beyond their specs, the
+                         # training's and their optimizer's (`model_settings`)
+    panels: int          # axes of the composite figure it draws on
+    plot: object         # (its axes, its results or None) -> draws them
+
+    @property
+    def name(self):
+        return f"exp{self.number}"
+
+
+EXPERIMENTS = {experiment.number: experiment for experiment in [
+    Experiment(1, "model-wise double descent", model_wise_setup, model_wise_summary, (),
+               5, _plot_exp1),
+    Experiment(2, "epoch-wise double descent", epoch_wise_setup, epoch_wise_summary, (),
+               1, _plot_exp2),
+    Experiment(3, "generalised NC", generalized_nc_setup, generalized_nc_summary, (),
+               2, _plot_exp3),
+    Experiment(4, "CKA", cka_setup, cka_summary, ("CKA_SUBSET",), 3, _plot_exp4),
+]}
+
+
+def model_settings(experiment, spec):
+    """{name: value} of the settings a model of `experiment` (its name) depends on beyond
+    its spec: TRAINING_SETTINGS, its optimizer's and its experiment's own."""
+    declared = {e.name: e.settings for e in EXPERIMENTS.values()}.get(experiment, ())
+    names = [*TRAINING_SETTINGS, *OPTIMIZER_SETTINGS.get(spec["optimizer"], ()), *declared]
+    return {name: globals()[name] for name in names}
+
+
+def plot_results(results, path):
+    """Draw the composite figure of `results` (a dict as the drivers return it, or as
+    loaded from the results JSON), each experiment's panels in turn, four to a row, then
+    the run's summary, and write it atomically to `path`."""
+    cells = sum(e.panels for e in EXPERIMENTS.values()) + 1
+    rows = -(-cells // 4)
+    fig, axes = _figure(rows, 4, (20, 14 / 3 * rows))
+    axes = list(axes.flat)
+    start = 0
+    for experiment in EXPERIMENTS.values():
+        experiment.plot(axes[start:start + experiment.panels], results.get(experiment.name))
+        start += experiment.panels
+    info = axes[start]
+    info.axis("off")
+    info.set_title("This run")
+    info.text(0.0, 1.0, _run_summary(results), va="top", ha="left", fontsize=9.5,
+              family="monospace", transform=info.transAxes)
+    for ax in axes[start + 1:]:
+        ax.axis("off")
+    for ax in axes:
+        ax.grid(alpha=0.3) if ax.axison and not ax.images else None
+    _save_figure(fig, results, "Double descent, neural collapse and CKA", path)
+
+
+# ----------------------------------------------------------------------------------------
 # 8. Command line
 # ----------------------------------------------------------------------------------------
 RESULTS_NAME = "neural_collapse_cka_results"
 LAYERS_NAME = "neural_collapse_layers"
 WIDTH_EPOCH_NAME = "neural_collapse_width_epoch"
 MODELS_NAME = "neural_collapse_cka_models"
-DRIVERS = {1: run_model_wise_complete, 2: run_epoch_wise_dynamics, 3: run_generalized_nc,
-           4: run_cka_experiment}
 
 # Integers that must be >= 1 (every other number must be >= 0).
 _AT_LEAST_ONE = {"BATCH_SIZE", "EPOCH_WISE_POINTS", "GEN_NC_WIDTH", "CKA_SMALL_WIDTH",
@@ -2798,14 +2926,11 @@ def _package_version(name):
 # train their own groups into one shared records folder, to be collected into one results
 # file. A group is the unit of work: its models train together, so a shard always trains
 # whole groups, and each group exactly as an unsharded run would.
-SETUPS = {1: model_wise_setup, 2: epoch_wise_setup, 3: generalized_nc_setup, 4: cka_setup}
-
-
 def study_groups(experiments, device_type):
     """[(experiment name, group)] for every fused group of `experiments`, from the
     hyperparameters alone, as a run on `device_type` forms them."""
-    return [(f"exp{n}", group) for n in experiments
-            for group in fused_groups(SETUPS[n]()["specs"], device_type)]
+    return [(EXPERIMENTS[n].name, group) for n in experiments
+            for group in fused_groups(EXPERIMENTS[n].setup()["specs"], device_type)]
 
 
 def assign_shards(costs, count):
@@ -2890,7 +3015,7 @@ def estimate_group_seconds(groups, device):
     n_train, n_test = _dataset_sizes()
     steps = -(-n_train // BATCH_SIZE)
     probed, seconds, first_use = {}, [], 0.0
-    threads = 1 if worker_count(device.type) > 1 else torch.get_num_threads()
+    threads = group_threads(device.type) or torch.get_num_threads()
     with torch_threads(threads):
         for _, group in groups:
             signature = tuple((s["arch"], s["width"]) for s in group)
@@ -2953,7 +3078,8 @@ def plan_study(experiments, device, shard=None, detail=False, log=print, records
     "owner" (each group's shard, or None), "seconds" (this process's estimated total),
     "experiments" (each experiment's estimated seconds)}."""
     groups = study_groups(experiments, device.type)
-    done = [ModelRuns(name, None, records_dir, None, device.type).share_done(group)
+    rounding = rounding_context(device.type)
+    done = [ModelRuns(name, None, records_dir, None, rounding).share_done(group)
             for name, group in groups]
     left = [i for i, share in enumerate(done) if share < 1]  # only these are probed
     probe_start = time.time()
@@ -3015,27 +3141,32 @@ def plan_study(experiments, device, shard=None, detail=False, log=print, records
                                                  if o == index], device, first_use)}
 
 
-def run_study(experiments, out_dir, device, preset, log=print, env=None, estimates=None):
+def run_study(experiments, out_dir, device, preset, log=print, env=None, estimates=None,
+              collect_from=None):
     """Run the chosen experiments with the current globals, then write the results JSON and
     the figure into `out_dir` (both atomically). Finished models are kept under
     out_dir/records, so rerunning after an interruption resumes. `estimates` (seconds per
-    experiment, from `plan_study`) let progress lines give the time left in the run."""
-    _RUN.update(estimates=dict(estimates or {}), taken={})
+    experiment, from `plan_study`) let progress lines give the time left in the run. With
+    `collect_from` (a rounding context), every model is read from its record made under
+    it, and nothing trains."""
+    run = {"estimates": dict(estimates or {}), "taken": {}}
+    records_dir = os.path.join(out_dir, "records")
     results = {"config": {"preset": preset, "experiments": experiments, **hyperparameters()},
                "env": {**environment(device), **(env or {})}}
     walls = results["env"]["wall_seconds"] = {}
     start = time.time()
     for number in experiments:
         t0 = time.time()
-        results[f"exp{number}"] = DRIVERS[number](device=device.type,
-                                                  records_dir=os.path.join(out_dir, "records"),
-                                                  log=log)
-        walls[f"exp{number}"] = _RUN["taken"][f"exp{number}"] = time.time() - t0
+        experiment = EXPERIMENTS[number]
+        results[experiment.name] = run_experiment(
+            number, experiment.setup(), device.type, records_dir, log, rounding=collect_from,
+            train=collect_from is None, run=run)
+        walls[experiment.name] = run["taken"][experiment.name] = time.time() - t0
     walls["total"] = time.time() - start
     json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
     save_json(json_path, results)
-    table = write_model_table(experiments, os.path.join(out_dir, "records"),
-                              _COLLECT_FROM or device.type,
+    table = write_model_table(experiments, records_dir,
+                              collect_from or rounding_context(device.type),
                               os.path.join(out_dir, MODELS_NAME + ".csv"))
     figures = draw_figures(results, out_dir)
     log(f"wrote {json_path}, {os.path.basename(table)}, "
@@ -3069,7 +3200,7 @@ def model_row(experiment, record):
     return row
 
 
-def write_model_table(experiments, records_dir, device_type, path):
+def write_model_table(experiments, records_dir, rounding, path):
     """One CSV row per trained model of `experiments` (`MODEL_COLUMNS`), from the records
     this configuration left under `records_dir`; an empty cell is a value that is NaN or
     does not apply (d outside Exp 3). Returns `path`."""
@@ -3079,9 +3210,8 @@ def write_model_table(experiments, records_dir, device_type, path):
     writer = csv.DictWriter(text, MODEL_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for number in experiments:
-        runs = ModelRuns(f"exp{number}", None, records_dir, None, device_type)
-        for spec in SETUPS[number]()["specs"]:
-            record = runs.stored_record(spec)
+        runs = ModelRuns(f"exp{number}", None, records_dir, None, rounding)
+        for record in runs.stored_records(EXPERIMENTS[number].setup()["specs"]):
             if record is not None:
                 writer.writerow({key: "" if value is None else value
                                  for key, value in model_row(f"exp{number}", record).items()})
@@ -3101,7 +3231,7 @@ def run_shard(experiments, out_dir, device, shard, log=print):
     records_dir = os.path.join(out_dir, "records")
     plan = plan_study(experiments, device, shard, log=log, records_dir=records_dir)
     groups, owner = plan["groups"], plan["owner"]
-    _RUN.update(estimates=plan["experiments"], taken={})
+    run = {"estimates": plan["experiments"], "taken": {}}
     save_json(_shard_marker(records_dir, count, experiments),
               {"shards": count, "experiments": experiments})  # tells --collect who owns what
     mine = {}
@@ -3109,14 +3239,14 @@ def run_shard(experiments, out_dir, device, shard, log=print):
         if shard_index == index:
             mine.setdefault(experiment, set()).add(_group_id(group))
     for number in experiments:
-        experiment = f"exp{number}"
+        experiment = EXPERIMENTS[number].name
         if experiment in mine:
             start = time.time()
-            setup = SETUPS[number]()
-            runs = ModelRuns(experiment, experiment_data(device), records_dir, log)
-            runs.run_many(setup["specs"], setup.get("measure"),
+            setup = EXPERIMENTS[number].setup()
+            runs = ModelRuns(experiment, experiment_data(device), records_dir, log, run=run)
+            runs.run_many(setup["specs"], setup["measure"],
                           select=lambda group: _group_id(group) in mine[experiment])
-            _RUN["taken"][experiment] = time.time() - start
+            run["taken"][experiment] = time.time() - start
     return sum(len(group) for (_, group), o in zip(groups, owner) if o == index)
 
 
@@ -3124,30 +3254,58 @@ def _group_id(group):
     return tuple(json.dumps(spec, sort_keys=True) for spec in group)
 
 
+def _roundings_in(records_dir, experiments):
+    """The distinct rounding contexts the model records of `experiments` under
+    `records_dir` were made in, as their records say."""
+    found = []
+    for number in experiments:
+        folder = os.path.join(records_dir, EXPERIMENTS[number].name)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    rounding = json.load(f).get("rounding") if name.endswith(".json") else None
+            except (OSError, ValueError, AttributeError):
+                rounding = None
+            if isinstance(rounding, dict) and rounding not in found:
+                found.append(rounding)
+    return found
+
+
+def _describe_rounding(rounding):
+    threads = rounding.get("threads")
+    return rounding.get("device", "?") + (f", {threads} thread{'s' if threads != 1 else ''}"
+                                          if threads else "") + "".join(
+        f", {name}={value}" for name, value in rounding.items()
+        if name not in ("device", "threads"))
+
+
 def collect_study(experiments, out_dir, preset, log=print):
     """The results JSON and both figures from the records under out_dir/records alone (left
     by shards, or by any runs of this configuration), training nothing; the shards' device
-    need not be this machine's. NotCollectable (one line) when a model has no readable
-    record, or when the records come from two device types."""
-    global _COLLECT_FROM
+    need not be this machine's: records are looked up under the rounding context they say
+    they were made in. NotCollectable (one line) when a model has no readable record, or
+    when the records come from two rounding contexts (two device types, say)."""
     records_dir = os.path.join(out_dir, "records")
     cpu_data = {"x_train": torch.empty(0)}
-    found = {}
-    for device_type in ("cpu", "cuda"):
+    found = []
+    for rounding in _roundings_in(records_dir, experiments):  # those this study's records use
         for number in experiments:
-            runs = ModelRuns(f"exp{number}", cpu_data, records_dir, None, device_type)
-            found[device_type] = found.get(device_type, 0) + sum(
-                os.path.exists(runs._paths(spec)[0]) for spec in SETUPS[number]()["specs"])
-    if all(found.values()):
-        raise NotCollectable(f"the records under {records_dir} come from two device types "
-                             f"({found['cpu']} cpu, {found['cuda']} cuda); one study's "
-                             "shards must all run on one device type")
-    device_type = "cuda" if found["cuda"] else "cpu"
+            runs = ModelRuns(EXPERIMENTS[number].name, cpu_data, records_dir, None, rounding)
+            if any(runs.stored_records(EXPERIMENTS[number].setup()["specs"])):
+                found.append(rounding)
+                break
+    if len(found) > 1:
+        raise NotCollectable(f"the records under {records_dir} come from {len(found)} "
+                             "rounding contexts (" + "; ".join(map(_describe_rounding, found))
+                             + "); one study's shards must all run on one device type with "
+                             "the same threads per group")
+    rounding = found[0] if found else rounding_context("cpu")
+    device_type = rounding["device"]
     groups = study_groups(experiments, device_type)
     missing = []
     for i, (experiment, group) in enumerate(groups):
-        runs = ModelRuns(experiment, cpu_data, records_dir, None, device_type)
-        if any(runs.load(spec) is None for spec in group):
+        runs = ModelRuns(experiment, cpu_data, records_dir, None, rounding)
+        if any(runs.load(spec, group) is None for spec in group):
             missing.append(i)
     if missing:
         count = sum(len(groups[i][1]) for i in missing)
@@ -3167,12 +3325,9 @@ def collect_study(experiments, out_dir, preset, log=print):
                  else f"no shard of these experiments has run into {out_dir}")
         raise NotCollectable(f"cannot collect: {count} of {total} models have no readable "
                              f"record under {records_dir}; {where}")
-    _COLLECT_FROM = device_type
-    try:
-        return run_study(experiments, out_dir, torch.device("cpu"), preset, log,
-                         env={"device": device_type, "collected_from_records": True})
-    finally:
-        _COLLECT_FROM = None
+    return run_study(experiments, out_dir, torch.device("cpu"), preset, log,
+                     env={"device": device_type, "collected_from_records": True},
+                     collect_from=rounding)
 
 
 def draw_figures(results, out_dir):
@@ -3185,21 +3340,17 @@ def draw_figures(results, out_dir):
     return paths
 
 
-# Settings that change no number (where files go, how often a run reports or saves, how
-# many workers share the groups, the figures' resolution): parts of one study may differ
-# in them.
-_RUN_ONLY = {"DATA_DIR", "WORKERS", "PROGRESS_SECONDS", "SNAPSHOT_SECONDS", "FIGURE_DPI"}
-
-
 def merge_results(parts):
     """One results dict from [(name, results), ...] of runs that each ran some of the
     study's experiments: a study run in parts, each on its own machine or from its own
-    commit. Each experiment comes from one part, and the parts must agree on every setting
-    that can change a number; "parts" keeps each one's experiments, config and env."""
+    commit. Each experiment comes from one part, and the parts must agree on every
+    setting of the study; they may differ in run settings (RUN_SETTINGS), which change at
+    most rounding, as the device does. "parts" keeps each one's experiments, config and
+    env."""
     merged = {"config": {}, "env": {"wall_seconds": {}}, "parts": []}
     source = {}
     for name, results in parts:
-        experiments = [key for key in ("exp1", "exp2", "exp3", "exp4") if results.get(key)]
+        experiments = [e.name for e in EXPERIMENTS.values() if results.get(e.name)]
         for key in experiments:
             if key in source:
                 raise ValueError(f"{key} is in both {source[key]} and {name}; each "
@@ -3209,7 +3360,7 @@ def merge_results(parts):
         config = results["config"]
         for setting, value in config.items():
             known = merged["config"].get(setting, value)
-            if setting not in _RUN_ONLY | {"experiments"} and known != value:
+            if setting not in {*RUN_SETTINGS, "experiments"} and known != value:
                 raise ValueError(f"{name} has {setting}={value!r} but an earlier file has "
                                  f"{known!r}: they are not parts of one study")
             merged["config"].setdefault(setting, value)
@@ -3252,9 +3403,11 @@ def build_parser():
     p.add_argument("--preset", default="full", choices=list(PRESETS),
                    help="full: the paper-scale study (a GPU box); quick: the whole figure in "
                         "minutes on a CPU; smoke: every code path in seconds (default: full)")
-    p.add_argument("--experiments", default="1,2,3,4",
-                   help="comma-separated subset of 1 (model-wise), 2 (epoch-wise), 3 "
-                        "(generalised NC), 4 (CKA) (default: 1,2,3,4)")
+    every = ",".join(map(str, EXPERIMENTS))
+    p.add_argument("--experiments", default=every,
+                   help="comma-separated subset of " + ", ".join(
+                       f"{n} ({e.title})" for n, e in EXPERIMENTS.items())
+                   + f" (default: {every})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available, else CPU (default: auto)")
     p.add_argument("--out", default="results",
@@ -3290,9 +3443,9 @@ def _parse_experiments(text):
         numbers = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
         numbers = []
-    if not numbers or any(n not in DRIVERS for n in numbers):
+    if not numbers or any(n not in EXPERIMENTS for n in numbers):
         raise ValueError(f"--experiments {text!r} is not allowed; expected a comma-separated "
-                         "subset of 1,2,3,4")
+                         f"subset of {','.join(map(str, EXPERIMENTS))}")
     return numbers
 
 

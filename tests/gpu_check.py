@@ -131,7 +131,8 @@ def extrapolate(number, folder, wall, scale):
     measuring = sum(r.get("checkpoint_seconds", 0.0) for r in records)
     training = sum(r["seconds"] for r in records) - measuring
     measured = sum(len(r["checkpoints"]) for r in records)
-    full_checkpoints = sum(len(s.get("checkpoints", ())) for s in ncc.SETUPS[number]()["specs"])
+    full_checkpoints = sum(len(s.get("checkpoints", ()))
+                           for s in ncc.EXPERIMENTS[number].setup()["specs"])
     per_checkpoint = measuring / measured if measured else 0.0
     return (max(wall - training - measuring, 0.0) + training * scale
             + per_checkpoint * full_checkpoints)
@@ -197,7 +198,7 @@ def check_layouts(report, device, epochs=3):
     n = 4000 if ncc.TRAIN_SUBSET is None else ncc.TRAIN_SUBSET
     data = {"x_train": torch.randn(n, 40, device=dev),
             "y_train": torch.randint(0, ncc.NUM_CLASSES, (n,), device=dev)}
-    groups = ncc.fused_groups(ncc.SETUPS[1]()["specs"], dev.type)
+    groups = ncc.fused_groups(ncc.EXPERIMENTS[1].setup()["specs"], dev.type)
     chosen, rows = ncc.activation_layout, {}
     try:
         for name, layout in (("default", torch.contiguous_format),

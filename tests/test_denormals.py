@@ -37,7 +37,7 @@ if __name__ == "__main__":
         opt.step()
         steps.append(int((weight != 0).sum()))
     # one worker started as the runner starts its workers: it trains, then is probed
-    with ncc.Workers(1, ncc.hyperparameters(), ncc._shared_counters(1)) as pool:
+    with ncc.Workers(1, ncc.hyperparameters()) as pool:
         done = dict(pool.map_unordered([(ncc.train_model, (model, data, "Adam", 1, 0)),
                                         (ncc.subnormals_survive, ())]))
     in_worker = done[1]

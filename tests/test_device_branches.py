@@ -14,7 +14,7 @@ import neural_collapse_cka as ncc
 
 def all_specs():
     """Every model of the full study, as each experiment's settings define it."""
-    return {number: setup()["specs"] for number, setup in ncc.SETUPS.items()}
+    return {number: e.setup()["specs"] for number, e in ncc.EXPERIMENTS.items()}
 
 
 def same_training(spec):

@@ -282,16 +282,23 @@ def test_corrupt_record_json_and_weights_are_warned_about_and_retrained(
 def test_records_of_two_device_types_are_refused_by_collect(tmp_path, data_dir):
     out = tmp_path / "out"
     assert cli(*SMOKE, "--out", str(out), "--experiments", "3", data_dir=data_dir).returncode == 0
-    # the same records as if a CUDA shard had written them: the key names the device type
+    # one model's record as if a CUDA shard had written it: under the key of a CUDA
+    # rounding context, saying so in its "rounding"
     saved = ncc.hyperparameters()
     try:
         ncc.apply_settings(ncc.PRESETS["smoke"])
         specs = ncc.generalized_nc_setup()["specs"]
-        cpu = ncc.ModelRuns("exp3", {"x_train": None}, str(out / "records"), None, "cpu")
-        cuda = ncc.ModelRuns("exp3", {"x_train": None}, str(out / "records"), None, "cuda")
-        for old, new in zip(map(cpu._paths, specs[:1]), map(cuda._paths, specs[:1])):
-            for a, b in zip(old, new):
-                shutil.copy(a, b)
+        runs = {device: ncc.ModelRuns("exp3", None, str(out / "records"), None,
+                                      ncc.rounding_context(device))
+                for device in ("cpu", "cuda")}
+        group = runs["cpu"].groups(specs)[0]
+        (cpu_json, cpu_weights), (cuda_json, cuda_weights) = (
+            runs[device]._paths(group[0], group) for device in ("cpu", "cuda"))
+        record = json.loads(open(cpu_json).read())
+        assert record["rounding"] == runs["cpu"].rounding
+        record["rounding"] = runs["cuda"].rounding
+        open(cuda_json, "w").write(json.dumps(record))
+        shutil.copy(cpu_weights, cuda_weights)
     finally:
         ncc.apply_settings(saved)
     result = cli(*SMOKE, "--out", str(out), "--experiments", "3", "--collect",
