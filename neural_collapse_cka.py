@@ -1,17 +1,25 @@
 """neural_collapse_cka.py -- double descent, neural collapse and CKA on MNIST-1D.
 
-One script, read top to bottom like a paper's appendix:
+One script, read top to bottom like a paper's appendix. First the study:
 
-    1. hyperparameters (module-level globals; `--set NAME=VALUE` overrides any of them)
+    1. hyperparameters (module-level globals; `--set NAME=VALUE` overrides any of them),
+                  then the run settings, which change at most rounding
     2. data       MNIST-1D generated locally, cached as .npz, 20% symmetric label noise
     3. models     ResNet-1D(w) and CNN-1D(w), each exposing layers L0..L3
     4. metrics    NC1-NC4 (Papyan, Han & Donoho, PNAS 2020), NC in every layer, linear and
                   debiased CKA, power-law fits of weight spectra; pure functions in float64
     5. training   one loop for every model, many models side by side (FusedModels)
-    6. experiments  the four run_* drivers; per-model records and per-group snapshots
-                    make a rerun resume
-    7. figures    the 3 x 4 composite, and the per-layer / weight-spectrum figure
-    8. command line
+    6. experiments  each one's setup, checkpoint measure and summary
+    7. figures    the composite, the per-layer / weight-spectrum figure, the width x epoch
+                  picture; then EXPERIMENTS, the index of the experiments
+
+then what runs it, which the study never calls:
+
+    8. records    per-model records and per-group snapshots that make a rerun resume, and
+                  the run_* drivers that run one experiment from Python
+    9. workers    processes that train groups side by side; progress; stops
+    10. the study as a whole: plan, shards, collect, merge
+    11. command line
 
 References
     Papyan, Han & Donoho, "Prevalence of neural collapse during the terminal phase of deep
@@ -1169,10 +1177,10 @@ def train_model(model, data, optimizer, epochs, seed, checkpoints=(), on_checkpo
 
 
 # ----------------------------------------------------------------------------------------
-# 6. Experiments: the four drivers. Each finished model is saved as a
-#    record (JSON, plus its weights) keyed by everything that determines it, so a rerun
-#    skips it, and a group in training saves snapshots it resumes from; each driver
-#    returns a plain JSON-serialisable dict.
+# 6. Experiments. Each has a setup (its settings and the spec of each model it trains, from
+#    the globals or keyword overrides), a measure for its models' checkpoints, and a
+#    summary of its trained models' records: a plain JSON-ready dict. Every trained model is
+#    analysed alike (`analyse_model`), one fused group at a time (`fit_group`).
 # ----------------------------------------------------------------------------------------
 LAYERS = ["L0", "L1", "L2", "L3"]
 
@@ -1188,11 +1196,6 @@ def _json_ready(obj):
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
-
-
-def save_json(path, obj):
-    text = json.dumps(_json_ready(obj), indent=1, allow_nan=False)
-    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def stratified_subset(noise_mask, size, seed):
@@ -1214,996 +1217,6 @@ def experiment_data(device):
         for key in ("x_train", "y_train", "y_train_clean", "noise_mask"):
             data[key] = data[key][idx]
     return data
-
-
-def model_seed(experiment, spec):
-    """A model's seed: its spec's own "seed" (Exp 4's), else derived from its experiment's
-    name and its architecture, optimizer, width or d, and replicate (`derive_seed`)."""
-    return spec.get("seed", derive_seed(experiment, spec["arch"], spec["optimizer"],
-                                        spec.get("d") or spec["width"],
-                                        spec.get("replicate", 0)))
-
-
-def fit_group(experiment, group, data, measure=None, on_epoch=None, load_state=None,
-              save_state=None):
-    """Train one group of `experiment`'s models fused (`train_models`) and measure them:
-    `measure(spec, model, epoch, data)` at each epoch in their checkpoints, `analyse_model`
-    once trained. Returns [(record, trained model)], a record being the model's spec, seed,
-    parameter count, fit, analysis, checkpoint measurements and seconds.
-
-    `save_state(state)`, when given, keeps the group's state while it trains (at least
-    every SNAPSHOT_SECONDS), checkpoint measurements included; `load_state()` returns the
-    state a stopped run left, or None, and training goes on from it as if never stopped."""
-    start = time.time()
-    seeds = [model_seed(experiment, spec) for spec in group]
-    models = [make_model(s["arch"], s["width"], seed, s.get("d"))
-              for s, seed in zip(group, seeds)]
-    resume = load_state() if load_state else None
-    if resume is None:
-        resume = {"training": None, "measured": [[] for _ in group],
-                  "measuring": [0.0] * len(group), "seconds": 0.0, "measure": None}
-    measured, measuring = resume["measured"], resume["measuring"]
-    if resume["measure"] is not None:
-        measure.load_state_dict(resume["measure"])
-
-    def on_checkpoint(g, model, epoch):
-        started = time.time()
-        measured[g].append(_json_ready(measure(group[g], model, epoch, data)))
-        measuring[g] += time.time() - started
-
-    def save_snapshot(training):
-        save_state({"training": training, "measured": measured, "measuring": measuring,
-                    "seconds": resume["seconds"] + time.time() - start,
-                    "measure": measure.state_dict() if hasattr(measure, "state_dict")
-                    else None})
-
-    trained = train_models(
-        models, data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
-        group[0].get("checkpoints", ()), on_checkpoint, on_epoch,
-        save_snapshot if save_state else None, resume["training"])
-    # wall time shared by a fused group, its checkpoint measures included
-    seconds = (resume["seconds"] + time.time() - start) / len(group)
-    return [({**spec, "seed": seed, "params": count_parameters(model), **fit,
-              **analyse_model(model, data, diverged=fit["diverged"]), "checkpoints": curve,
-              "seconds": seconds, "checkpoint_seconds": checkpoint_seconds,
-              "trained_with": len(group), "device": data["x_train"].device.type},
-             model.eval())
-            for spec, seed, model, fit, curve, checkpoint_seconds
-            in zip(group, seeds, models, trained, measured, measuring)]
-
-
-def model_work(spec):
-    """The work of one input through one model, as multiply-adds plus 50 per activation
-    value (BatchNorm, ReLU and their backward are memory-bound) plus 20,000 of fixed
-    per-step overhead. On a 2-core CPU this tracks measured epoch times within about 30%
-    across widths 2-64 of both architectures, where the parameter count would put
-    ResNet's time per parameter at 2.7x CNN's."""
-    w, d, length = spec["width"], spec.get("d"), 40  # MNIST-1D sequences have 40 samples
-    if spec["arch"] == "ResNet":  # stem 1 -> w, then four w -> w convs, all at full length
-        macs = 3 * w * length + 4 * 3 * w * w * length + (w * d if d else 0) + 10 * (d or w)
-        activations = 5 * w * length
-    else:  # CNN: w at 40, w at 20, 2w at 10, 2w at 10
-        macs = 3 * w * 40 + 3 * w * w * 20 + 3 * w * 2 * w * 10 + 3 * 4 * w * w * 10 + 20 * w
-        activations = 100 * w
-    return macs + 50 * activations + 20_000
-
-
-def model_cost(spec):
-    return spec["epochs"] * model_work(spec)
-
-
-def group_cost(group):
-    return sum(map(model_cost, group))
-
-
-def fused_groups(specs, device_type):
-    """Which models train side by side (`FusedModels`): same architecture, epochs and
-    checkpoints. On a GPU, where a step costs its kernel launches, models of every width
-    and one optimizer go together (the narrower zero-padded). On a CPU a narrow model's
-    step costs mostly per-operation overhead, which fusing shares, and a wide one's its
-    arithmetic, which padding wastes and the worker processes already spread over the
-    cores; so there models of both optimizers go together in order of width while the
-    group's size times its widest width stays within CPU_GROUP_WIDTH, and two models of
-    one width always pair up (a pair of w = 64 trains about 1.2x faster than the two
-    alone; a larger group gains less). Exp 1's groups: widths 2-8 (both optimizers),
-    10-12, then each width's SGD and Adam model together.
-
-    The groups depend on the specs and the device type alone, so a resumed run and every
-    shard of a sharded one form exactly the groups of an uninterrupted run."""
-    if not FUSED:
-        return [[spec] for spec in specs]
-    cpu = device_type == "cpu"
-    by_key = {}
-    for spec in specs:
-        key = (spec["arch"], spec["epochs"], "d" in spec, tuple(spec.get("checkpoints", ())))
-        by_key.setdefault(key if cpu else key + (spec["optimizer"],), []).append(spec)
-    if not cpu:
-        return list(by_key.values())
-    groups = []
-    for members in by_key.values():
-        group = []
-        for spec in sorted(members, key=lambda s: s["width"]):
-            pair = len(group) == 1 and group[0]["width"] == spec["width"]
-            if group and not pair and (len(group) + 1) * spec["width"] > CPU_GROUP_WIDTH:
-                groups.append(group)
-                group = []
-            group.append(spec)
-        groups.append(group)
-    # each optimizer's models contiguous: one optimizer per run (RowOptimizers)
-    return [sorted(group, key=lambda s: s["optimizer"]) for group in groups]
-
-
-def worker_count(device_type):
-    """Processes that train groups at once: on a CPU WORKERS, or with WORKERS = 0 one per
-    core this process may use (its affinity: a SLURM task's or `taskset`'s share, not the
-    node's); on a GPU one. With two or more, every group trains on one thread, so the count
-    changes no number, only how many groups train at once."""
-    if device_type != "cpu":
-        return 1
-    if WORKERS:
-        return WORKERS
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
-    return cores
-
-
-@contextlib.contextmanager
-def torch_threads(count):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _first_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:120] if text else ''}"
-
-
-@functools.lru_cache(maxsize=None)
-def _code_identity():
-    """(sha256 of this script, its git commit or None, whether the script differs from that
-    commit or None): asked of git once per process, never of a network."""
-    with open(os.path.abspath(__file__), "rb") as f:
-        sha256 = hashlib.sha256(f.read()).hexdigest()
-    here, name = os.path.split(os.path.abspath(__file__))
-
-    def git(*args):
-        done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
-                              timeout=20)
-        return done.stdout.strip() if done.returncode == 0 else None
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = None if commit is None else bool(git("status", "--porcelain", "--", name))
-    except (OSError, subprocess.SubprocessError):
-        commit = dirty = None
-    return sha256, commit, dirty
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def provenance(device_type):
-    """Which code, command and machine made a result: the script's sha256 and git commit
-    (git_dirty: the script has changes the commit lacks), the command line, torch and
-    numpy versions, the CPU's model name and the GPU's. Kept in the results JSON and in
-    every record, never in a record's key: it cannot change a number."""
-    sha256, commit, dirty = _code_identity()
-    return {"script_sha256": sha256, "git_commit": commit, "git_dirty": dirty,
-            "command": shlex.join(["python", *sys.argv]), "torch": torch.__version__,
-            "numpy": np.__version__, "cpu": cpu_name(),
-            "gpu": torch.cuda.get_device_name() if device_type == "cuda" else None}
-
-
-def group_threads(device_type):
-    """The threads a group trains on (`ModelRuns._fit_groups`): on a CPU one with two or
-    more workers, else all of torch's; None on a GPU, where the count is not ours."""
-    if device_type != "cpu":
-        return None
-    return 1 if worker_count(device_type) > 1 else torch.get_num_threads()
-
-
-def rounding_context(device_type):
-    """What besides a model's group can change its rounding on `device_type`: the device
-    type, the threads its group trains on and the rounding mode (FLUSH_DENORMALS on a
-    CPU, CUDA_GRAPHS on a GPU). Part of every record's key."""
-    context = {"device": device_type, "threads": group_threads(device_type)}
-    if device_type == "cpu":
-        context["flush_denormals"] = FLUSH_DENORMALS
-    else:
-        context["cuda_graphs"] = CUDA_GRAPHS
-    return context
-
-
-def record_key(spec, group, settings, rounding):
-    """A model's record key: a digest of what can change its numbers and nothing else:
-    its spec, the specs of the group it trains fused with (padding and grouped kernels
-    round differently in another group), the settings its experiment and optimizer
-    declare (`model_settings`) and the rounding context (`rounding_context`). A setting
-    no experiment declares, a run setting such as PROGRESS_SECONDS, or a worker count
-    that gives the same threads never changes a key."""
-    blob = json.dumps({"model": spec, "group": group, "settings": settings,
-                       "rounding": rounding}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-class NotCollectable(RuntimeError):
-    """A collect found a model without a readable record."""
-
-
-class ModelRuns:
-    """The record store of one experiment: trains its models (`fit_group`), or loads their
-    records from `records_dir` when an earlier run with the same key finished them; prints
-    one progress line per model with an ETA. With train=False (a collect) it only loads.
-
-    `rounding` is the rounding context the records are keyed under (default: this
-    process's, on the data's device); `run` is the command line's {"estimates", "taken"}
-    of every experiment, for the time left in the whole run (`_left`)."""
-
-    def __init__(self, experiment, data, records_dir=None, log=print, rounding=None,
-                 train=True, run=None):
-        self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
-        self.rounding = rounding or rounding_context(data["x_train"].device.type)
-        self.device_type, self.train, self.run = self.rounding["device"], train, run
-        self.count, self.trained_cost = 0, 0
-        self.train_start, self.todo_cost, self.finished, self.last_progress = None, 0, set(), 0.0
-        self.partial_cost = 0  # work done in groups that workers are still training
-        self.resumed = {}  # {snapshot path: the epoch a stopped group resumes after}
-
-    def key(self, spec, group):
-        return record_key(spec, group, model_settings(self.experiment, spec), self.rounding)
-
-    def _paths(self, spec, group):
-        name = f"{spec['arch']}_{spec['optimizer']}_w{spec['width']}"
-        if spec.get("replicate"):
-            name += f"_r{spec['replicate']}"
-        stem = os.path.join(self.records_dir, self.experiment,
-                            f"{name}_{self.key(spec, group)}")
-        return stem + ".json", stem + ".pt"
-
-    def snapshot_path(self, group):
-        """Where a group in training keeps its latest state (`train_models`); named by its
-        models' keys, so a change of configuration never resumes from a stale one."""
-        if not self.records_dir:
-            return None
-        keys = " ".join(self.key(spec, group) for spec in group)
-        digest = hashlib.sha256(keys.encode()).hexdigest()[:20]
-        return os.path.join(self.records_dir, self.experiment, f"group_{digest}.snapshot")
-
-    def groups(self, specs):
-        return fused_groups(specs, self.device_type)
-
-    def stored_records(self, specs):
-        """The JSON record each finished model of `specs` left, or None (no weights are
-        loaded), in the order of `specs`."""
-        found = {}
-        for group in self.groups(specs):
-            for spec in group:
-                try:
-                    with open(self._paths(spec, group)[0]) as f:
-                        found[json.dumps(spec, sort_keys=True)] = json.load(f)
-                except (OSError, ValueError, TypeError):
-                    pass
-        return [found.get(json.dumps(spec, sort_keys=True)) for spec in specs]
-
-    def load(self, spec, group, keep_model=False):
-        """(record, model or None) of a finished model, or None when it has no readable
-        record: none yet, or one that a crash, a full disk or a shared filesystem left
-        truncated or corrupt (then with a one-line warning: it counts as missing)."""
-        if not self.records_dir:
-            return None
-        json_path, weights_path = self._paths(spec, group)
-        if not os.path.exists(json_path):
-            return None
-        try:
-            with open(json_path) as f:
-                record = json.load(f)
-            if not isinstance(record, dict) or "diverged" not in record:
-                raise ValueError("not a model record")
-            # the weights are checked too: a record without usable weights is no record
-            model = self._rebuild(spec, torch.load(weights_path, weights_only=True))
-        except Exception as e:
-            warnings.warn(f"record {json_path} is unreadable ({_first_line(e)}); it counts "
-                          "as missing and its group is trained again")
-            return None
-        return record, (model if keep_model else None)
-
-    def run_many(self, specs, measure=None, keep_models=False, select=None):
-        """Records of the models of `specs`, in order: loaded when an earlier run finished
-        them, else trained (fused in `groups`). `measure(spec, model, epoch, data)` is
-        called at the epochs in spec["checkpoints"]; its dicts are kept in
-        record["checkpoints"]. With keep_models, returns (records, trained models).
-        `select(group)` (a shard's share) limits which unfinished groups train; the
-        records of the others are None.
-
-        Groups are formed from all of `specs`, finished or not, so a resumed run trains
-        exactly the groups of an uninterrupted one; a group stopped in training goes on
-        from its snapshot (`snapshot_path`), and one a kill left partly saved is trained
-        again whole (fused models round differently in another group, see FusedModels)."""
-        index = {json.dumps(spec, sort_keys=True): i for i, spec in enumerate(specs)}
-        done, todo = {}, []
-        for group in self.groups(specs):
-            loaded = [self.load(spec, group, keep_models) for spec in group]
-            if any(item is None for item in loaded):
-                todo.append(group)
-                continue
-            for spec, item in zip(group, loaded):
-                done[index[json.dumps(spec, sort_keys=True)]] = item
-                self._report(spec, item[0], cached=True)
-            if self.train:  # a collect writes nothing
-                self._drop_snapshot(group)  # one a kill left just after the records
-        todo = [group for group in todo if select is None or select(group)]
-        if todo and not self.train:
-            raise NotCollectable(f"{sum(map(len, todo))} models of {self.experiment} have no "
-                                 "readable record")
-        for group in todo:
-            self._note_snapshot(group)
-        todo.sort(key=lambda g: -self._cost_to(g))
-        self.train_start = self.last_progress = time.time()
-        self.todo_cost = sum(self._cost_to(g) for g in todo)
-        # closing: an interruption shuts the worker pool down at once, not at collection
-        with contextlib.closing(self._fit_groups(todo, measure)) as fits:
-            for group, fitted in fits:
-                # a group's models finish together
-                self.trained_cost += self._cost_to(group)
-                with stops_deferred():
-                    for spec, (record, model) in zip(group, fitted):
-                        done[index[json.dumps(spec, sort_keys=True)]] = (
-                            self._store(spec, group, record, model), model)
-                    self._drop_snapshot(group)
-        missing = (None, None)
-        records = [done.get(i, missing)[0] for i in range(len(specs))]
-        return (records, [done.get(i, missing)[1] for i in range(len(specs))]) \
-            if keep_models else records
-
-    def _fit_groups(self, groups, measure):
-        """(group, [(record, model), ...]) for every group, in the order given (longest
-        first). On a CPU with two or more workers, every group trains on one thread: in
-        worker processes while two or more are left (two one-thread processes use two
-        cores better than one process on two threads), here when only one is. The thread
-        count changes rounding, so a model's numbers never depend on how many groups a
-        run, a resumed run or a shard has left. Progress lines come from this process:
-        workers write the epoch they are at into shared memory."""
-        workers = worker_count(self.data["x_train"].device.type)
-        with torch_threads(group_threads(self.device_type) or torch.get_num_threads()):
-            if workers < 2 or len(groups) < 2:
-                for i, group in enumerate(groups):
-                    path = self.snapshot_path(group)
-                    yield group, fit_group(self.experiment, group, self.data, measure,
-                                           self._epoch_counter(i, group),
-                                           *snapshot_files(path))
-                return
-            epochs_done = _shared_counters(len(groups))
-            calls = [(_worker_fit, (self.experiment, self.data, group, measure, i,
-                                    self.snapshot_path(group))) for i, group in enumerate(groups)]
-            with Workers(min(workers, len(groups)), hyperparameters(), epochs_done) as pool:
-                for _, (i, fitted) in pool.map_unordered(
-                        calls, PROGRESS_SECONDS,
-                        lambda: self._progress(self._training(groups, epochs_done))):
-                    self.finished.add(i)
-                    self.partial_cost = sum(self._cost_to(g, epoch) for g, epoch
-                                            in self._training(groups, epochs_done).values())
-                    yield groups[i], [(record, self._rebuild(spec, state))
-                                      for spec, (record, state) in zip(groups[i], fitted)]
-
-    def _training(self, groups, epochs_done):
-        """{index: (group, epochs done)} of the groups that workers are training now."""
-        return {i: (group, epochs_done[i]) for i, group in enumerate(groups)
-                if 0 < epochs_done[i] and i not in self.finished}
-
-    def _epoch_counter(self, i, group):
-        """on_epoch for a group trained in this process: a progress line when one is due."""
-        def on_epoch(epoch):
-            if time.time() - self.last_progress >= PROGRESS_SECONDS:
-                self._progress({i: (group, epoch)})
-        return on_epoch
-
-    def _progress(self, training):
-        """One line per group in training ({index: (group, epochs done)}): its epoch and
-        the time left in this experiment and in the whole run, from this run's pace."""
-        self.last_progress = time.time()
-        if self.log is None:
-            return
-        progressed = self.trained_cost + sum(self._cost_to(g, epoch)
-                                             for g, epoch in training.values())
-        left = _eta(time.time() - self.train_start, progressed, self.todo_cost)
-        for group, epoch in training.values():
-            self.log(f"[{self.experiment}] {_describe_group(group)}: epoch {epoch} of "
-                     f"{group[0]['epochs']}; {_left(self.experiment, left, self.run)}")
-
-    def _rebuild(self, spec, state):
-        model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
-        model.load_state_dict(state)
-        return model.to(self.data["x_train"].device).eval()
-
-    def _note_snapshot(self, group):
-        """Before training: the epoch a stopped group's snapshot holds, logged and kept
-        for the time estimates (an unreadable snapshot is removed: the group starts over)."""
-        path = self.snapshot_path(group)
-        state = load_snapshot(path)
-        if state is None:
-            self._drop_snapshot(group)
-            return
-        epoch = self.resumed[path] = state["training"]["epoch"]
-        if self.log is not None:
-            self.log(f"[{self.experiment}] {_describe_group(group)}: resumes at epoch "
-                     f"{epoch + 1} of {group[0]['epochs']} from the snapshot a stopped run left")
-
-    def share_done(self, group):
-        """How much of a group earlier runs did: 1 when all its records are there, its
-        snapshot's epoch over its epochs, else 0 (for the plan)."""
-        if not self.records_dir:
-            return 0.0
-        if all(os.path.exists(self._paths(spec, group)[0]) for spec in group):
-            return 1.0
-        with warnings.catch_warnings():  # an unreadable snapshot is reported when it is met
-            warnings.simplefilter("ignore")
-            state = load_snapshot(self.snapshot_path(group))
-        return 0.0 if state is None else state["training"]["epoch"] / group[0]["epochs"]
-
-    def _drop_snapshot(self, group):
-        """Remove a group's snapshot: its records, once written, supersede it."""
-        path = self.snapshot_path(group)
-        if path and os.path.exists(path):
-            os.remove(path)
-
-    def _cost_to(self, group, epoch=None):
-        """The cost of training a group from where this run starts it (a snapshot's epoch,
-        or 0) to `epoch` (None: to its end)."""
-        start = self.resumed.get(self.snapshot_path(group), 0)
-        end = group[0]["epochs"] if epoch is None else epoch
-        return group_cost(group) * max(end - start, 0) / group[0]["epochs"]
-
-    def _store(self, spec, group, record, model):
-        """Save a finished model's record and weights (when there is a records_dir), report
-        it, and return the record as it reads back from JSON."""
-        record = {**record, "rounding": self.rounding,
-                  "provenance": provenance(self.device_type)}
-        if self.records_dir:
-            json_path, weights_path = self._paths(spec, group)
-            state = {k: v.cpu() for k, v in model.state_dict().items()}
-            write_atomic(weights_path, lambda f: torch.save(state, f))
-            save_json(json_path, record)  # written last: its presence marks it done
-        record = json.loads(json.dumps(_json_ready(record)))
-        self._report(spec, record, cached=False)
-        return record
-
-    def _report(self, spec, record, cached):
-        self.count += 1
-        if self.log is None:
-            return
-        eta = ""
-        if not cached:
-            left = _eta(time.time() - self.train_start,
-                        self.trained_cost + self.partial_cost, self.todo_cost)
-            eta = (_left(self.experiment, left, self.run)
-                   if self.trained_cost < self.todo_cost else "")
-        what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
-        if spec.get("d") is not None:
-            what += f" d={spec['d']}"
-        if spec.get("replicate", 0) > 0 or (REPLICATES > 1 and "replicate" in spec):
-            what += f" rep={spec['replicate']}"
-        if "seed" in spec:
-            what += f" seed={spec['seed']}"
-        status = "DIVERGED" if record["diverged"] else (
-            f"test_err {_fmt(record['test_err'])} NC1 {_fmt(record['nc_train']['nc1'])}")
-        timing = "cached" if cached else f"{record['seconds']:.1f}s"
-        self.log(f"[{self.experiment}] {what:<28} {status}  ({timing})  "
-                 f"{self.count} done{'; ' + eta if eta else ''}")
-
-
-def load_snapshot(path):
-    """The state a stopped group saved, or None: none, or unreadable (with a warning; the
-    group then starts over)."""
-    if not path or not os.path.exists(path):
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
-                      "starts over")
-        return None
-
-
-def snapshot_files(path):
-    """(load_state, save_state) for `fit_group`, on the snapshot file `path` (None: no
-    snapshots)."""
-    if path is None:
-        return None, None
-    return (lambda: load_snapshot(path),
-            lambda state: write_atomic(path, lambda f: torch.save(state, f)))
-
-
-def run_experiment(number, setup, device=None, records_dir=None, log=print, rounding=None,
-                   train=True, run=None):
-    """Experiment `number` as `setup` (what its setup function returns) describes it: its
-    models trained, or loaded from `records_dir`, then summarised, as a plain JSON-ready
-    dict. The run_* drivers and the command line both come here; `rounding`, `train` and
-    `run` are as in ModelRuns."""
-    experiment = EXPERIMENTS[number]
-    data = experiment_data(resolve_device(device))
-    runs = ModelRuns(experiment.name, data, records_dir, log, rounding, train, run)
-    records, models = runs.run_many(setup["specs"], setup["measure"], keep_models=True)
-    return _json_ready(experiment.summarise(setup, records, models, data))
-
-
-@contextlib.contextmanager
-def _main_hidden_from_workers():
-    """While worker processes start, hide the caller's __main__ from them, unless it is
-    this script (the command line). A spawned worker imports the parent's __main__ to
-    unpickle what it defines; workers need only this module, and a researcher's script
-    without an `if __name__ == "__main__":` guard would run again in every worker (and
-    start workers of its own), while one piped into `python -` has no file to import.
-    Hidden, workers start as they do under `python -c`, where nothing is imported."""
-    main = sys.modules.get("__main__")
-    script = os.path.abspath(__file__)
-    if main is None or os.path.abspath(getattr(main, "__file__", None) or "") == script:
-        yield
-        return
-    import types
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = main
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the workers are
-    stopped, temporary files are removed, and finished records stay."""
-
-
-def _stop_on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def _shared_counters(count):
-    """`count` integers in shared memory that workers write and this process reads."""
-    import multiprocessing
-    return multiprocessing.get_context("spawn").Array("i", count, lock=False)
-
-
-class WorkerError(RuntimeError):
-    """A job raised in a worker process; the message holds the worker's traceback."""
-
-
-class Workers:
-    """Worker processes, each taking one call at a time through a pipe of its own.
-
-    Nothing else joins them to each other or to this process, so a worker that a signal
-    ends anywhere (starting, idle, training, writing) blocks nobody. multiprocessing.Pool
-    could not promise that: its workers share one task queue behind one lock, and a
-    SIGTERM to the whole process group that caught an idle worker holding it (`timeout`,
-    a cluster's time limit, `docker stop`) hung the parent's shutdown for good.
-
-    A worker ignores Ctrl-C (it reaches the whole process group; this process decides)
-    and ends on SIGTERM, removing a half-written file on the way (`write_atomic`). A
-    worker that SIGTERM ended stops the run as a SIGTERM here would; one that died
-    otherwise (out of memory, say) raises WorkerError. Leaving the `with` block ends every
-    worker within seconds, whatever it was doing.
-
-    Every worker applies `settings` (the hyperparameters) before its first call. `shared`,
-    when given (shared memory, which cannot travel through a pipe), is handed to every
-    call as its first argument."""
-
-    def __init__(self, count, settings, shared=None):
-        import multiprocessing
-        context = multiprocessing.get_context("spawn")
-        self.processes, self.pipes = [], []
-        try:
-            with _main_hidden_from_workers():
-                for _ in range(count):
-                    pipe, worker_end = context.Pipe()
-                    process = context.Process(target=_worker_main, daemon=True,
-                                              args=(worker_end, settings, shared))
-                    process.start()
-                    worker_end.close()
-                    self.processes.append(process)
-                    self.pipes.append(pipe)
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def map_unordered(self, calls, timeout=None, on_wait=None):
-        """(index, function(*args)) for each (function, args) in `calls`, in the order
-        they finish; `on_wait()` after every `timeout` seconds that bring no result."""
-        from multiprocessing.connection import wait
-        waiting = list(enumerate(calls))[::-1]
-        busy = {}  # worker number: index of the call it runs
-        while waiting or busy:
-            for w in range(len(self.processes)):
-                if waiting and w not in busy:
-                    busy[w], call = waiting.pop()
-                    try:
-                        self.pipes[w].send(call)
-                    except OSError:  # the worker has ended
-                        self._lost(w)
-            ready = set(wait([self.pipes[w] for w in busy] +
-                             [self.processes[w].sentinel for w in busy], timeout))
-            if not ready and on_wait is not None:
-                on_wait()
-            for w in list(busy):
-                if self.pipes[w] not in ready and self.processes[w].sentinel not in ready:
-                    continue
-                try:
-                    ok, value = self.pipes[w].recv()
-                except (EOFError, OSError):
-                    self._lost(w)
-                if not ok:
-                    raise WorkerError(value)
-                yield busy.pop(w), value
-
-    def _lost(self, w):
-        """A worker ended without answering: how it ended decides what the run does."""
-        process = self.processes[w]
-        process.join(5)
-        code = process.exitcode
-        if code in (-signal.SIGTERM, 128 + signal.SIGTERM):
-            raise Terminated()
-        if code in (-signal.SIGINT, 128 + signal.SIGINT):
-            raise KeyboardInterrupt()
-        raise WorkerError(f"a worker process ended with exit code {code} (a negative one is "
-                          "a signal's number: 9 may be the kernel out of memory); finished "
-                          "models are saved, rerun the same command to resume")
-
-    def close(self):
-        """End every worker: close the pipes (an idle worker then returns by itself),
-        SIGTERM each one still running, and SIGKILL any still there after 5 s."""
-        for pipe in self.pipes:
-            pipe.close()
-        for process in self.processes:
-            if process.exitcode is None:
-                process.terminate()
-        deadline = time.time() + 5
-        for process in self.processes:
-            process.join(max(deadline - time.time(), 0))
-            if process.exitcode is None:
-                process.kill()
-                process.join()
-
-
-def _worker_main(pipe, settings, shared):
-    """A worker process: runs the calls that come through `pipe` until it closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    torch.set_num_threads(1)
-    apply_settings(settings)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    while True:
-        try:
-            function, args = pipe.recv()
-        except EOFError:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already; nothing to undo
-            return
-        try:
-            reply = (True, function(*args) if shared is None else function(shared, *args))
-        except Exception:
-            import traceback
-            reply = (False, "in a worker process:\n" + traceback.format_exc())
-        pipe.send(reply)
-
-
-def _exit_on_sigterm(signum, frame):
-    # once: a second SIGTERM (the parent's, after the group's) must not strike the way out
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.exit(128 + signum)  # an exception, so that `finally` blocks run on the way out
-
-
-def _exit_with_parent(parent):
-    """A worker ends when its parent does, however the parent ended (a SIGKILL or a
-    cluster's time limit included), instead of training on for nobody."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def _worker_fit(epochs_done, experiment, data, group, measure, index, snapshot_path):
-    """In a worker process: train one group on the parent's data (a worker that loaded
-    it itself would pay about 0.9 s importing mnist1d and scipy), writing the epoch it has
-    reached into epochs_done[index]; the records and weights go back to the parent, which
-    alone writes them and prints progress. The group's snapshots, only this process has."""
-    on_epoch = functools.partial(epochs_done.__setitem__, index)
-    return index, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
-                   for record, model in fit_group(experiment, group, data, measure, on_epoch,
-                                                  *snapshot_files(snapshot_path))]
-
-
-def _eta(elapsed, progressed, total):
-    """Seconds left at the pace so far: `progressed` of `total` cost done in `elapsed`
-    seconds (with workers, the partial epochs of groups in training count, so the pace
-    includes every worker)."""
-    return elapsed / progressed * max(total - progressed, 0) if progressed > 0 else None
-
-
-def _left(experiment, seconds, run=None):
-    """'exp1 ~5m left, run ~1h02m left': this experiment's time left and, in a command-line
-    run (`run`: the plan's estimate of each experiment, and the seconds taken by those
-    already finished), the run's, where each later experiment takes its estimate scaled by
-    this run's pace so far (the seconds the finished experiments took over their
-    estimates)."""
-    if seconds is None:
-        return ""
-    text = f"{experiment} ~{_duration(seconds)} left"
-    if run and run["estimates"]:
-        later = [e for e in run["estimates"] if e not in run["taken"] and e != experiment]
-        finished = [e for e in run["taken"] if e in run["estimates"]]
-        estimated = sum(run["estimates"][e] for e in finished)
-        pace = sum(run["taken"][e] for e in finished) / estimated if estimated else 1.0
-        total = seconds + pace * sum(run["estimates"][e] for e in later)
-        text += f", run ~{_duration(total)} left"
-    return text
-
-
-def _fmt(value):
-    return "nan" if value is None or not np.isfinite(value) else f"{value:.3g}"
-
-
-def _duration(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    return value
-
-
-def _check_int_list(name, values):
-    if not isinstance(values, (list, tuple)) or not values:
-        raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
-    return [_check_positive_int(name, v) for v in values]
-
-
-def _check_replicates(replicates):
-    return _check_positive_int("replicates", REPLICATES if replicates is None else replicates)
-
-
-def _nanmean(values):
-    """Mean of the finite values (a diverged replicate does not hide the others); NaN if
-    there are none. None is JSON's NaN."""
-    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-def _transpose(trees):
-    """A list of equally shaped nested dicts -> one nested dict whose leaves are lists."""
-    if isinstance(trees[0], dict):
-        return {key: _transpose([tree[key] for tree in trees]) for key in trees[0]}
-    return list(trees)
-
-
-def _nanstd(values):
-    """Sample standard deviation (ddof 1) of the finite values; NaN for fewer than two."""
-    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
-    return float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
-
-
-def _over_replicates(tree, statistic):
-    if isinstance(tree, dict):
-        return {key: _over_replicates(value, statistic) for key, value in tree.items()}
-    return [statistic(replicates) for replicates in tree]
-
-
-def _summarise(points):
-    """points: for each point of a sweep (a width, a d, an epoch), one nested dict of floats
-    per replicate. Returns the mean over replicates under every name, their sample standard
-    deviation under "std" (NaN below two replicates), and each replicate's own values under
-    "replicates" (lists over points of lists over replicates)."""
-    per_replicate = _transpose([_transpose(replicates) for replicates in points])
-    return {**_over_replicates(per_replicate, _nanmean),
-            "std": _over_replicates(per_replicate, _nanstd), "replicates": per_replicate}
-
-
-def _chunks(records, size):
-    return [records[i:i + size] for i in range(0, len(records), size)]
-
-
-def _sweep_summary(points, values):
-    """`_summarise` of values(record) for the records of each point, plus the seeds and
-    divergence of every replicate (a point counts as diverged if any replicate did)."""
-    summary = _summarise([[values(r) for r in records] for records in points])
-    summary["replicates"]["seed"] = [[r["seed"] for r in records] for records in points]
-    summary["replicates"]["diverged"] = [[r["diverged"] for r in records] for records in points]
-    summary["diverged"] = [any(records_diverged) for records_diverged
-                           in summary["replicates"]["diverged"]]
-    return summary
-
-
-def _exp1_values(record):
-    return {**{key: record[key] for key in ("train_err", "test_err", "train_loss", "seconds")},
-            **record["nc_train"], "nc_test": record["nc_test"],
-            "per_layer": record["per_layer"], "esd": record["esd"]}
-
-
-def log_spaced_epochs(epochs, points):
-    """At least `points` distinct epochs in 1..epochs (all of them if fewer), log-spaced, so
-    dense early."""
-    if epochs <= points:
-        return list(range(1, epochs + 1))
-    count = points
-    while True:
-        grid = np.unique(np.round(np.geomspace(1, epochs, count)).astype(int))
-        if len(grid) >= points:
-            return grid.tolist()
-        count += points - len(grid)
-
-
-def model_wise_setup(epochs=None, widths=None, archs=("ResNet", "CNN"),
-                     optimizers=("SGD", "Adam"), replicates=None):
-    """Exp 1's settings (None: the globals) and the spec of each of its models."""
-    epochs = _check_positive_int("epochs", EPOCHS_MODEL_WISE if epochs is None else epochs)
-    widths = _check_int_list("widths", WIDTHS if widths is None else widths)
-    replicates = _check_replicates(replicates)
-    grid = log_spaced_epochs(epochs, MODEL_WISE_POINTS)
-    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs, "replicate": r,
-              **({"checkpoints": grid} if grid else {})}
-             for a in archs for o in optimizers for w in widths for r in range(replicates)]
-    return dict(epochs=epochs, widths=widths, archs=archs, optimizers=optimizers,
-                replicates=replicates, grid=grid, specs=specs, measure=model_wise_measure)
-
-
-LEARNING_CURVE_NAMES = ["train_err", "test_err", "train_loss", "test_loss"]
-
-
-def model_wise_measure(spec, model, epoch, data):
-    """What Exp 1 records of a model at each of its checkpoints: its learning curve."""
-    scores = evaluate(model, data, collapse=False)
-    return {"epoch": epoch, **{name: scores[name] for name in LEARNING_CURVE_NAMES}}
-
-
-def _curve_summary(records, grid, names):
-    """`_summarise` over the epochs of `grid` of each replicate's checkpoint values under
-    `names` (a replicate that diverged and stopped early has None at later epochs)."""
-    curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
-    return _summarise([[{name: curve.get(epoch, {}).get(name) for name in names}
-                        for curve in curves] for epoch in grid])
-
-
-def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
-                            optimizers=("SGD", "Adam"), replicates=None, device=None,
-                            records_dir=None, log=print):
-    """Exp 1, model-wise double descent: every architecture x optimizer x width, trained for
-    `epochs`, `replicates` times (own derived seeds). Per configuration ("ResNet_SGD", ...),
-    lists over widths of the mean over replicates: train/test error, train loss, seconds,
-    NC1-NC4 on the training set (noisy labels) and under "nc_test" on the test set (clean
-    labels); "per_layer": NC1 (both forms) and NC4 of every layer L0..L3; "esd": the weight
-    spectra (layer-averaged power-law alpha and every weight's fit). Every replicate's value
-    is kept under "replicates"; "diverged" says whether any replicate diverged. "curves":
-    the learning curves, train and test error and loss at the log-spaced epochs
-    curves["epoch"] (MODEL_WISE_POINTS of them), as lists over widths of lists over epochs
-    (each replicate's under curves["replicates"]); evaluating them leaves training as it
-    would be without them."""
-    return run_experiment(1, model_wise_setup(epochs, widths, archs, optimizers, replicates),
-                          device, records_dir, log)
-
-
-def model_wise_summary(setup, records, models, data):
-    """Exp 1's results (`run_model_wise_complete`) from the records of `setup`'s models."""
-    epochs, widths, replicates = setup["epochs"], setup["widths"], setup["replicates"]
-    points = iter(_chunks(records, replicates))
-    out = {}
-    for arch in setup["archs"]:
-        for opt in setup["optimizers"]:
-            by_width = [next(points) for _ in widths]
-            curves = {"epoch": setup["grid"]}
-            if setup["grid"]:
-                curves.update(_transpose([_curve_summary(records, setup["grid"],
-                                                         LEARNING_CURVE_NAMES)
-                                          for records in by_width]))
-            out[f"{arch}_{opt}"] = {"width": widths,
-                                    "params": [records[0]["params"] for records in by_width],
-                                    **_sweep_summary(by_width, _exp1_values),
-                                    "curves": curves,
-                                    "epochs": epochs, "replicate_count": replicates}
-    return out
-
-
-CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_weighted"]
-
-
-def epoch_wise_setup(epochs=None, widths=None, replicates=None):
-    """Exp 2's settings (None: the globals) and the spec of each of its models."""
-    epochs = _check_positive_int("epochs", EPOCHS_EPOCH_WISE if epochs is None else epochs)
-    widths = dict(EPOCH_WISE_WIDTHS if widths is None else widths)
-    for name, w in widths.items():
-        _check_positive_int(f"width of {name!r}", w)
-    replicates = _check_replicates(replicates)
-    grid = log_spaced_epochs(epochs, EPOCH_WISE_POINTS)
-    specs = [{"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
-              "checkpoints": grid, "replicate": r}
-             for w in widths.values() for r in range(replicates)]
-    return dict(epochs=epochs, widths=widths, replicates=replicates, grid=grid, specs=specs,
-                measure=epoch_wise_measure)
-
-
-def epoch_wise_measure(spec, model, epoch, data):
-    """What Exp 2 records of a model at each of its checkpoints."""
-    scores, spectra = evaluate(model, data), model_esd(model)
-    return {"epoch": epoch, "train_err": scores["train_err"], "test_err": scores["test_err"],
-            "nc1": scores["nc_train"]["nc1"], "alpha": spectra["alpha"],
-            "alpha_weighted": spectra["alpha_weighted"]}
-
-
-def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=None,
-                            records_dir=None, log=print):
-    """Exp 2, epoch-wise double descent: ResNet-1D at a "critical" and a "large" width, Adam,
-    `replicates` models each; at log-spaced epochs, the mean over replicates of train/test
-    error, NC1 (training set) and the layer-averaged power-law alpha of the weight spectra
-    ("alpha": layers with enough eigenvalues for a reliable fit; "alpha_weighted": every
-    layer, weighted by the precision of its fit),
-    with every replicate's values under "replicates"."""
-    return run_experiment(2, epoch_wise_setup(epochs, widths, replicates), device,
-                          records_dir, log)
-
-
-def epoch_wise_summary(setup, records, models, data):
-    """Exp 2's results (`run_epoch_wise_dynamics`) from the records of `setup`'s models."""
-    widths, grid = setup["widths"], setup["grid"]
-    out = {}
-    for name, records in zip(widths, _chunks(records, setup["replicates"])):
-        summary = _curve_summary(records, grid, CURVE_NAMES)
-        summary["replicates"]["seed"] = [record["seed"] for record in records]
-        out[name] = {"width": widths[name], "epoch": grid, **summary,
-                     "diverged": any(record["diverged"] for record in records)}
-    return out
-
-
-def _exp3_values(record):
-    return {**{key: record[key] for key in ("train_err", "test_err")}, **record["nc_train"],
-            "nc_test": record["nc_test"]}
-
-
-def generalized_nc_setup(epochs=None, dims=None, width=None, replicates=None):
-    """Exp 3's settings (None: the globals) and the spec of each of its models."""
-    epochs = _check_positive_int("epochs", EPOCHS_GEN_NC if epochs is None else epochs)
-    dims = _check_int_list("dims", DIMS if dims is None else dims)
-    width = _check_positive_int("width", GEN_NC_WIDTH if width is None else width)
-    replicates = _check_replicates(replicates)
-    specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs,
-              "replicate": r} for d in dims for r in range(replicates)]
-    return dict(epochs=epochs, dims=dims, width=width, replicates=replicates, specs=specs,
-                measure=None)
-
-
-def run_generalized_nc(epochs=None, dims=None, width=None, replicates=None, device=None,
-                       records_dir=None, log=print):
-    """Exp 3, generalised NC: ResNet-1D(width) with a bias-free projector to d dimensions,
-    SGD, `replicates` models per d; NC metrics (training set) against d, the mean over
-    replicates, with every replicate's values under "replicates". d < K-1 = 9 cannot hold a
-    simplex ETF."""
-    return run_experiment(3, generalized_nc_setup(epochs, dims, width, replicates), device,
-                          records_dir, log)
-
-
-def generalized_nc_summary(setup, records, models, data):
-    """Exp 3's results (`run_generalized_nc`) from the records of `setup`'s models."""
-    by_d = _chunks(records, setup["replicates"])
-    return {"width": setup["width"], "d": setup["dims"], **_sweep_summary(by_d, _exp3_values),
-            "epochs": setup["epochs"], "replicate_count": setup["replicates"]}
 
 
 CKA_CONV_MODES = ["pool", "flatten"]
@@ -2279,6 +1292,268 @@ def analyse_model(model, data, diverged=False):
             "esd": esd}
 
 
+def model_seed(experiment, spec):
+    """A model's seed: its spec's own "seed" (Exp 4's), else derived from its experiment's
+    name and its architecture, optimizer, width or d, and replicate (`derive_seed`)."""
+    return spec.get("seed", derive_seed(experiment, spec["arch"], spec["optimizer"],
+                                        spec.get("d") or spec["width"],
+                                        spec.get("replicate", 0)))
+
+
+def fit_group(experiment, group, data, measure=None, on_epoch=None, load_state=None,
+              save_state=None):
+    """Train one group of `experiment`'s models fused (`train_models`) and measure them:
+    `measure(spec, model, epoch, data)` at each epoch in their checkpoints, `analyse_model`
+    once trained. Returns [(record, trained model)], a record being the model's spec, seed,
+    parameter count, fit, analysis, checkpoint measurements and seconds.
+
+    `save_state(state)`, when given, keeps the group's state while it trains (at least
+    every SNAPSHOT_SECONDS), checkpoint measurements included; `load_state()` returns the
+    state a stopped run left, or None, and training goes on from it as if never stopped."""
+    start = time.time()
+    seeds = [model_seed(experiment, spec) for spec in group]
+    models = [make_model(s["arch"], s["width"], seed, s.get("d"))
+              for s, seed in zip(group, seeds)]
+    resume = load_state() if load_state else None
+    if resume is None:
+        resume = {"training": None, "measured": [[] for _ in group],
+                  "measuring": [0.0] * len(group), "seconds": 0.0, "measure": None}
+    measured, measuring = resume["measured"], resume["measuring"]
+    if resume["measure"] is not None:
+        measure.load_state_dict(resume["measure"])
+
+    def on_checkpoint(g, model, epoch):
+        started = time.time()
+        measured[g].append(_json_ready(measure(group[g], model, epoch, data)))
+        measuring[g] += time.time() - started
+
+    def save_snapshot(training):
+        save_state({"training": training, "measured": measured, "measuring": measuring,
+                    "seconds": resume["seconds"] + time.time() - start,
+                    "measure": measure.state_dict() if hasattr(measure, "state_dict")
+                    else None})
+
+    trained = train_models(
+        models, data, [s["optimizer"] for s in group], group[0]["epochs"], seeds,
+        group[0].get("checkpoints", ()), on_checkpoint, on_epoch,
+        save_snapshot if save_state else None, resume["training"])
+    # wall time shared by a fused group, its checkpoint measures included
+    seconds = (resume["seconds"] + time.time() - start) / len(group)
+    return [({**spec, "seed": seed, "params": count_parameters(model), **fit,
+              **analyse_model(model, data, diverged=fit["diverged"]), "checkpoints": curve,
+              "seconds": seconds, "checkpoint_seconds": checkpoint_seconds,
+              "trained_with": len(group), "device": data["x_train"].device.type},
+             model.eval())
+            for spec, seed, model, fit, curve, checkpoint_seconds
+            in zip(group, seeds, models, trained, measured, measuring)]
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _check_int_list(name, values):
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
+    return [_check_positive_int(name, v) for v in values]
+
+
+def _check_replicates(replicates):
+    return _check_positive_int("replicates", REPLICATES if replicates is None else replicates)
+
+
+def _nanmean(values):
+    """Mean of the finite values (a diverged replicate does not hide the others); NaN if
+    there are none. None is JSON's NaN."""
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _transpose(trees):
+    """A list of equally shaped nested dicts -> one nested dict whose leaves are lists."""
+    if isinstance(trees[0], dict):
+        return {key: _transpose([tree[key] for tree in trees]) for key in trees[0]}
+    return list(trees)
+
+
+def _nanstd(values):
+    """Sample standard deviation (ddof 1) of the finite values; NaN for fewer than two."""
+    finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan")
+
+
+def _over_replicates(tree, statistic):
+    if isinstance(tree, dict):
+        return {key: _over_replicates(value, statistic) for key, value in tree.items()}
+    return [statistic(replicates) for replicates in tree]
+
+
+def _summarise(points):
+    """points: for each point of a sweep (a width, a d, an epoch), one nested dict of floats
+    per replicate. Returns the mean over replicates under every name, their sample standard
+    deviation under "std" (NaN below two replicates), and each replicate's own values under
+    "replicates" (lists over points of lists over replicates)."""
+    per_replicate = _transpose([_transpose(replicates) for replicates in points])
+    return {**_over_replicates(per_replicate, _nanmean),
+            "std": _over_replicates(per_replicate, _nanstd), "replicates": per_replicate}
+
+
+def _chunks(records, size):
+    return [records[i:i + size] for i in range(0, len(records), size)]
+
+
+def _sweep_summary(points, values):
+    """`_summarise` of values(record) for the records of each point, plus the seeds and
+    divergence of every replicate (a point counts as diverged if any replicate did)."""
+    summary = _summarise([[values(r) for r in records] for records in points])
+    summary["replicates"]["seed"] = [[r["seed"] for r in records] for records in points]
+    summary["replicates"]["diverged"] = [[r["diverged"] for r in records] for records in points]
+    summary["diverged"] = [any(records_diverged) for records_diverged
+                           in summary["replicates"]["diverged"]]
+    return summary
+
+
+def log_spaced_epochs(epochs, points):
+    """At least `points` distinct epochs in 1..epochs (all of them if fewer), log-spaced, so
+    dense early."""
+    if epochs <= points:
+        return list(range(1, epochs + 1))
+    count = points
+    while True:
+        grid = np.unique(np.round(np.geomspace(1, epochs, count)).astype(int))
+        if len(grid) >= points:
+            return grid.tolist()
+        count += points - len(grid)
+
+
+def _curve_summary(records, grid, names):
+    """`_summarise` over the epochs of `grid` of each replicate's checkpoint values under
+    `names` (a replicate that diverged and stopped early has None at later epochs)."""
+    curves = [{c["epoch"]: c for c in record["checkpoints"]} for record in records]
+    return _summarise([[{name: curve.get(epoch, {}).get(name) for name in names}
+                        for curve in curves] for epoch in grid])
+
+
+def _exp1_values(record):
+    return {**{key: record[key] for key in ("train_err", "test_err", "train_loss", "seconds")},
+            **record["nc_train"], "nc_test": record["nc_test"],
+            "per_layer": record["per_layer"], "esd": record["esd"]}
+
+
+def model_wise_setup(epochs=None, widths=None, archs=("ResNet", "CNN"),
+                     optimizers=("SGD", "Adam"), replicates=None):
+    """Exp 1's settings (None: the globals) and the spec of each of its models."""
+    epochs = _check_positive_int("epochs", EPOCHS_MODEL_WISE if epochs is None else epochs)
+    widths = _check_int_list("widths", WIDTHS if widths is None else widths)
+    replicates = _check_replicates(replicates)
+    grid = log_spaced_epochs(epochs, MODEL_WISE_POINTS)
+    specs = [{"arch": a, "optimizer": o, "width": w, "epochs": epochs, "replicate": r,
+              **({"checkpoints": grid} if grid else {})}
+             for a in archs for o in optimizers for w in widths for r in range(replicates)]
+    return dict(epochs=epochs, widths=widths, archs=archs, optimizers=optimizers,
+                replicates=replicates, grid=grid, specs=specs, measure=model_wise_measure)
+
+
+LEARNING_CURVE_NAMES = ["train_err", "test_err", "train_loss", "test_loss"]
+
+
+def model_wise_measure(spec, model, epoch, data):
+    """What Exp 1 records of a model at each of its checkpoints: its learning curve."""
+    scores = evaluate(model, data, collapse=False)
+    return {"epoch": epoch, **{name: scores[name] for name in LEARNING_CURVE_NAMES}}
+
+
+def model_wise_summary(setup, records, models, data):
+    """Exp 1's results (`run_model_wise_complete`) from the records of `setup`'s models."""
+    epochs, widths, replicates = setup["epochs"], setup["widths"], setup["replicates"]
+    points = iter(_chunks(records, replicates))
+    out = {}
+    for arch in setup["archs"]:
+        for opt in setup["optimizers"]:
+            by_width = [next(points) for _ in widths]
+            curves = {"epoch": setup["grid"]}
+            if setup["grid"]:
+                curves.update(_transpose([_curve_summary(records, setup["grid"],
+                                                         LEARNING_CURVE_NAMES)
+                                          for records in by_width]))
+            out[f"{arch}_{opt}"] = {"width": widths,
+                                    "params": [records[0]["params"] for records in by_width],
+                                    **_sweep_summary(by_width, _exp1_values),
+                                    "curves": curves,
+                                    "epochs": epochs, "replicate_count": replicates}
+    return out
+
+
+CURVE_NAMES = ["train_err", "test_err", "nc1", "alpha", "alpha_weighted"]
+
+
+def epoch_wise_setup(epochs=None, widths=None, replicates=None):
+    """Exp 2's settings (None: the globals) and the spec of each of its models."""
+    epochs = _check_positive_int("epochs", EPOCHS_EPOCH_WISE if epochs is None else epochs)
+    widths = dict(EPOCH_WISE_WIDTHS if widths is None else widths)
+    for name, w in widths.items():
+        _check_positive_int(f"width of {name!r}", w)
+    replicates = _check_replicates(replicates)
+    grid = log_spaced_epochs(epochs, EPOCH_WISE_POINTS)
+    specs = [{"arch": "ResNet", "optimizer": "Adam", "width": w, "epochs": epochs,
+              "checkpoints": grid, "replicate": r}
+             for w in widths.values() for r in range(replicates)]
+    return dict(epochs=epochs, widths=widths, replicates=replicates, grid=grid, specs=specs,
+                measure=epoch_wise_measure)
+
+
+def epoch_wise_measure(spec, model, epoch, data):
+    """What Exp 2 records of a model at each of its checkpoints."""
+    scores, spectra = evaluate(model, data), model_esd(model)
+    return {"epoch": epoch, "train_err": scores["train_err"], "test_err": scores["test_err"],
+            "nc1": scores["nc_train"]["nc1"], "alpha": spectra["alpha"],
+            "alpha_weighted": spectra["alpha_weighted"]}
+
+
+def epoch_wise_summary(setup, records, models, data):
+    """Exp 2's results (`run_epoch_wise_dynamics`) from the records of `setup`'s models."""
+    widths, grid = setup["widths"], setup["grid"]
+    out = {}
+    for name, records in zip(widths, _chunks(records, setup["replicates"])):
+        summary = _curve_summary(records, grid, CURVE_NAMES)
+        summary["replicates"]["seed"] = [record["seed"] for record in records]
+        out[name] = {"width": widths[name], "epoch": grid, **summary,
+                     "diverged": any(record["diverged"] for record in records)}
+    return out
+
+
+def _exp3_values(record):
+    return {**{key: record[key] for key in ("train_err", "test_err")}, **record["nc_train"],
+            "nc_test": record["nc_test"]}
+
+
+def generalized_nc_setup(epochs=None, dims=None, width=None, replicates=None):
+    """Exp 3's settings (None: the globals) and the spec of each of its models."""
+    epochs = _check_positive_int("epochs", EPOCHS_GEN_NC if epochs is None else epochs)
+    dims = _check_int_list("dims", DIMS if dims is None else dims)
+    width = _check_positive_int("width", GEN_NC_WIDTH if width is None else width)
+    replicates = _check_replicates(replicates)
+    specs = [{"arch": "ResNet", "optimizer": "SGD", "width": width, "d": d, "epochs": epochs,
+              "replicate": r} for d in dims for r in range(replicates)]
+    return dict(epochs=epochs, dims=dims, width=width, replicates=replicates, specs=specs,
+                measure=None)
+
+
+def generalized_nc_summary(setup, records, models, data):
+    """Exp 3's results (`run_generalized_nc`) from the records of `setup`'s models."""
+    by_d = _chunks(records, setup["replicates"])
+    return {"width": setup["width"], "d": setup["dims"], **_sweep_summary(by_d, _exp3_values),
+            "epochs": setup["epochs"], "replicate_count": setup["replicates"]}
+
+
 def cka_inputs(data):
     """The fixed, seeded subset of CKA_SUBSET training inputs every CKA is computed on."""
     n = len(data["x_train"])
@@ -2341,20 +1616,6 @@ class DriftMeasure:
                                    for layer, r, r1 in zip(LAYERS, reps, first)}}
 
 
-def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=None,
-                       seeds=None, drift_epochs=None, estimator=None, conv=None, device=None,
-                       records_dir=None, log=print):
-    """Exp 4, layer-wise CKA between ResNet-1D models trained with Adam:
-    4A small vs large width (4x4 layer pairs, rows small, columns large); 4B one model at
-    `width` against its epoch-1 self at `drift_epochs` (the model of the first seed);
-    4C the models of `seeds` compared pairwise, layer by layer. `estimator` (CKA_ESTIMATOR)
-    is "linear" or "debiased"; `conv` (CKA_CONV) pools conv activations over length or
-    flattens them."""
-    return run_experiment(4, cka_setup(epochs, small_width, large_width, width, seeds,
-                                       drift_epochs, estimator, conv),
-                          device, records_dir, log)
-
-
 def cka_summary(setup, records, trained, data):
     """Exp 4's results (`run_cka_experiment`) from the records of `setup`'s models and the
     trained models themselves (their representations of `cka_inputs`)."""
@@ -2398,6 +1659,16 @@ LAYER_STYLES = [("-", 1.3), ("-", 1.3), ("-", 2.2), ((0, (4, 3)), 1.3)]
 
 def _values(seq):
     return np.array([np.nan if v is None else v for v in seq], dtype=float)
+
+
+def _fmt(value):
+    return "nan" if value is None or not np.isfinite(value) else f"{value:.3g}"
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
 
 
 def _not_run(ax, what):
@@ -2750,6 +2021,8 @@ def plot_width_epoch(results, path):
 # ----------------------------------------------------------------------------------------
 # The study's experiments: everything the command line, the presets, the composite figure
 # and the record keys know of each. Another experiment is one more entry and its functions.
+#
+# Everything above is the study; everything below runs it, and the study never calls it.
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Experiment:
@@ -2812,113 +2085,758 @@ def plot_results(results, path):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Command line
+# 8. Records: which models train together, each finished model saved as a record (JSON and
+#    its weights) under a key of what can change its numbers, so that a rerun skips it, and
+#    snapshots of a group in training that a stopped run resumes from. Then the run_*
+#    drivers, which run one experiment from Python.
+# ----------------------------------------------------------------------------------------
+def save_json(path, obj):
+    text = json.dumps(_json_ready(obj), indent=1, allow_nan=False)
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def model_work(spec):
+    """The work of one input through one model, as multiply-adds plus 50 per activation
+    value (BatchNorm, ReLU and their backward are memory-bound) plus 20,000 of fixed
+    per-step overhead. On a 2-core CPU this tracks measured epoch times within about 30%
+    across widths 2-64 of both architectures, where the parameter count would put
+    ResNet's time per parameter at 2.7x CNN's."""
+    w, d, length = spec["width"], spec.get("d"), 40  # MNIST-1D sequences have 40 samples
+    if spec["arch"] == "ResNet":  # stem 1 -> w, then four w -> w convs, all at full length
+        macs = 3 * w * length + 4 * 3 * w * w * length + (w * d if d else 0) + 10 * (d or w)
+        activations = 5 * w * length
+    else:  # CNN: w at 40, w at 20, 2w at 10, 2w at 10
+        macs = 3 * w * 40 + 3 * w * w * 20 + 3 * w * 2 * w * 10 + 3 * 4 * w * w * 10 + 20 * w
+        activations = 100 * w
+    return macs + 50 * activations + 20_000
+
+
+def model_cost(spec):
+    return spec["epochs"] * model_work(spec)
+
+
+def group_cost(group):
+    return sum(map(model_cost, group))
+
+
+def fused_groups(specs, device_type):
+    """Which models train side by side (`FusedModels`): same architecture, epochs and
+    checkpoints. On a GPU, where a step costs its kernel launches, models of every width
+    and one optimizer go together (the narrower zero-padded). On a CPU a narrow model's
+    step costs mostly per-operation overhead, which fusing shares, and a wide one's its
+    arithmetic, which padding wastes and the worker processes already spread over the
+    cores; so there models of both optimizers go together in order of width while the
+    group's size times its widest width stays within CPU_GROUP_WIDTH, and two models of
+    one width always pair up (a pair of w = 64 trains about 1.2x faster than the two
+    alone; a larger group gains less). Exp 1's groups: widths 2-8 (both optimizers),
+    10-12, then each width's SGD and Adam model together.
+
+    The groups depend on the specs and the device type alone, so a resumed run and every
+    shard of a sharded one form exactly the groups of an uninterrupted run."""
+    if not FUSED:
+        return [[spec] for spec in specs]
+    cpu = device_type == "cpu"
+    by_key = {}
+    for spec in specs:
+        key = (spec["arch"], spec["epochs"], "d" in spec, tuple(spec.get("checkpoints", ())))
+        by_key.setdefault(key if cpu else key + (spec["optimizer"],), []).append(spec)
+    if not cpu:
+        return list(by_key.values())
+    groups = []
+    for members in by_key.values():
+        group = []
+        for spec in sorted(members, key=lambda s: s["width"]):
+            pair = len(group) == 1 and group[0]["width"] == spec["width"]
+            if group and not pair and (len(group) + 1) * spec["width"] > CPU_GROUP_WIDTH:
+                groups.append(group)
+                group = []
+            group.append(spec)
+        groups.append(group)
+    # each optimizer's models contiguous: one optimizer per run (RowOptimizers)
+    return [sorted(group, key=lambda s: s["optimizer"]) for group in groups]
+
+
+def worker_count(device_type):
+    """Processes that train groups at once: on a CPU WORKERS, or with WORKERS = 0 one per
+    core this process may use (its affinity: a SLURM task's or `taskset`'s share, not the
+    node's); on a GPU one. With two or more, every group trains on one thread, so the count
+    changes no number, only how many groups train at once."""
+    if device_type != "cpu":
+        return 1
+    if WORKERS:
+        return WORKERS
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return cores
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def group_threads(device_type):
+    """The threads a group trains on (`ModelRuns._fit_groups`): on a CPU one with two or
+    more workers, else all of torch's; None on a GPU, where the count is not ours."""
+    if device_type != "cpu":
+        return None
+    return 1 if worker_count(device_type) > 1 else torch.get_num_threads()
+
+
+def rounding_context(device_type):
+    """What besides a model's group can change its rounding on `device_type`: the device
+    type, the threads its group trains on and the rounding mode (FLUSH_DENORMALS on a
+    CPU, CUDA_GRAPHS on a GPU). Part of every record's key."""
+    context = {"device": device_type, "threads": group_threads(device_type)}
+    if device_type == "cpu":
+        context["flush_denormals"] = FLUSH_DENORMALS
+    else:
+        context["cuda_graphs"] = CUDA_GRAPHS
+    return context
+
+
+def record_key(spec, group, settings, rounding):
+    """A model's record key: a digest of what can change its numbers and nothing else:
+    its spec, the specs of the group it trains fused with (padding and grouped kernels
+    round differently in another group), the settings its experiment and optimizer
+    declare (`model_settings`) and the rounding context (`rounding_context`). A setting
+    no experiment declares, a run setting such as PROGRESS_SECONDS, or a worker count
+    that gives the same threads never changes a key."""
+    blob = json.dumps({"model": spec, "group": group, "settings": settings,
+                       "rounding": rounding}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _first_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:120] if text else ''}"
+
+
+@functools.lru_cache(maxsize=None)
+def _code_identity():
+    """(sha256 of this script, its git commit or None, whether the script differs from that
+    commit or None): asked of git once per process, never of a network."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        sha256 = hashlib.sha256(f.read()).hexdigest()
+    here, name = os.path.split(os.path.abspath(__file__))
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True,
+                              timeout=20)
+        return done.stdout.strip() if done.returncode == 0 else None
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = None if commit is None else bool(git("status", "--porcelain", "--", name))
+    except (OSError, subprocess.SubprocessError):
+        commit = dirty = None
+    return sha256, commit, dirty
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device_type):
+    """Which code, command and machine made a result: the script's sha256 and git commit
+    (git_dirty: the script has changes the commit lacks), the command line, torch and
+    numpy versions, the CPU's model name and the GPU's. Kept in the results JSON and in
+    every record, never in a record's key: it cannot change a number."""
+    sha256, commit, dirty = _code_identity()
+    return {"script_sha256": sha256, "git_commit": commit, "git_dirty": dirty,
+            "command": shlex.join(["python", *sys.argv]), "torch": torch.__version__,
+            "numpy": np.__version__, "cpu": cpu_name(),
+            "gpu": torch.cuda.get_device_name() if device_type == "cuda" else None}
+
+
+class NotCollectable(RuntimeError):
+    """A collect found a model without a readable record."""
+
+
+class ModelRuns:
+    """The record store of one experiment: trains its models (`fit_group`), or loads their
+    records from `records_dir` when an earlier run with the same key finished them; prints
+    one progress line per model with an ETA. With train=False (a collect) it only loads.
+
+    `rounding` is the rounding context the records are keyed under (default: this
+    process's, on the data's device); `run` is the command line's {"estimates", "taken"}
+    of every experiment, for the time left in the whole run (`_left`)."""
+
+    def __init__(self, experiment, data, records_dir=None, log=print, rounding=None,
+                 train=True, run=None):
+        self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
+        self.rounding = rounding or rounding_context(data["x_train"].device.type)
+        self.device_type, self.train, self.run = self.rounding["device"], train, run
+        self.count, self.trained_cost = 0, 0
+        self.train_start, self.todo_cost, self.finished, self.last_progress = None, 0, set(), 0.0
+        self.partial_cost = 0  # work done in groups that workers are still training
+        self.resumed = {}  # {snapshot path: the epoch a stopped group resumes after}
+
+    def key(self, spec, group):
+        return record_key(spec, group, model_settings(self.experiment, spec), self.rounding)
+
+    def _paths(self, spec, group):
+        name = f"{spec['arch']}_{spec['optimizer']}_w{spec['width']}"
+        if spec.get("replicate"):
+            name += f"_r{spec['replicate']}"
+        stem = os.path.join(self.records_dir, self.experiment,
+                            f"{name}_{self.key(spec, group)}")
+        return stem + ".json", stem + ".pt"
+
+    def snapshot_path(self, group):
+        """Where a group in training keeps its latest state (`train_models`); named by its
+        models' keys, so a change of configuration never resumes from a stale one."""
+        if not self.records_dir:
+            return None
+        keys = " ".join(self.key(spec, group) for spec in group)
+        digest = hashlib.sha256(keys.encode()).hexdigest()[:20]
+        return os.path.join(self.records_dir, self.experiment, f"group_{digest}.snapshot")
+
+    def groups(self, specs):
+        return fused_groups(specs, self.device_type)
+
+    def stored_records(self, specs):
+        """The JSON record each finished model of `specs` left, or None (no weights are
+        loaded), in the order of `specs`."""
+        found = {}
+        for group in self.groups(specs):
+            for spec in group:
+                try:
+                    with open(self._paths(spec, group)[0]) as f:
+                        found[json.dumps(spec, sort_keys=True)] = json.load(f)
+                except (OSError, ValueError, TypeError):
+                    pass
+        return [found.get(json.dumps(spec, sort_keys=True)) for spec in specs]
+
+    def load(self, spec, group, keep_model=False):
+        """(record, model or None) of a finished model, or None when it has no readable
+        record: none yet, or one that a crash, a full disk or a shared filesystem left
+        truncated or corrupt (then with a one-line warning: it counts as missing)."""
+        if not self.records_dir:
+            return None
+        json_path, weights_path = self._paths(spec, group)
+        if not os.path.exists(json_path):
+            return None
+        try:
+            with open(json_path) as f:
+                record = json.load(f)
+            if not isinstance(record, dict) or "diverged" not in record:
+                raise ValueError("not a model record")
+            # the weights are checked too: a record without usable weights is no record
+            model = self._rebuild(spec, torch.load(weights_path, weights_only=True))
+        except Exception as e:
+            warnings.warn(f"record {json_path} is unreadable ({_first_line(e)}); it counts "
+                          "as missing and its group is trained again")
+            return None
+        return record, (model if keep_model else None)
+
+    def run_many(self, specs, measure=None, keep_models=False, select=None):
+        """Records of the models of `specs`, in order: loaded when an earlier run finished
+        them, else trained (fused in `groups`). `measure(spec, model, epoch, data)` is
+        called at the epochs in spec["checkpoints"]; its dicts are kept in
+        record["checkpoints"]. With keep_models, returns (records, trained models).
+        `select(group)` (a shard's share) limits which unfinished groups train; the
+        records of the others are None.
+
+        Groups are formed from all of `specs`, finished or not, so a resumed run trains
+        exactly the groups of an uninterrupted one; a group stopped in training goes on
+        from its snapshot (`snapshot_path`), and one a kill left partly saved is trained
+        again whole (fused models round differently in another group, see FusedModels)."""
+        index = {json.dumps(spec, sort_keys=True): i for i, spec in enumerate(specs)}
+        done, todo = {}, []
+        for group in self.groups(specs):
+            loaded = [self.load(spec, group, keep_models) for spec in group]
+            if any(item is None for item in loaded):
+                todo.append(group)
+                continue
+            for spec, item in zip(group, loaded):
+                done[index[json.dumps(spec, sort_keys=True)]] = item
+                self._report(spec, item[0], cached=True)
+            if self.train:  # a collect writes nothing
+                self._drop_snapshot(group)  # one a kill left just after the records
+        todo = [group for group in todo if select is None or select(group)]
+        if todo and not self.train:
+            raise NotCollectable(f"{sum(map(len, todo))} models of {self.experiment} have no "
+                                 "readable record")
+        for group in todo:
+            self._note_snapshot(group)
+        todo.sort(key=lambda g: -self._cost_to(g))
+        self.train_start = self.last_progress = time.time()
+        self.todo_cost = sum(self._cost_to(g) for g in todo)
+        # closing: an interruption shuts the worker pool down at once, not at collection
+        with contextlib.closing(self._fit_groups(todo, measure)) as fits:
+            for group, fitted in fits:
+                # a group's models finish together
+                self.trained_cost += self._cost_to(group)
+                with stops_deferred():
+                    for spec, (record, model) in zip(group, fitted):
+                        done[index[json.dumps(spec, sort_keys=True)]] = (
+                            self._store(spec, group, record, model), model)
+                    self._drop_snapshot(group)
+        missing = (None, None)
+        records = [done.get(i, missing)[0] for i in range(len(specs))]
+        return (records, [done.get(i, missing)[1] for i in range(len(specs))]) \
+            if keep_models else records
+
+    def _fit_groups(self, groups, measure):
+        """(group, [(record, model), ...]) for every group, in the order given (longest
+        first). On a CPU with two or more workers, every group trains on one thread: in
+        worker processes while two or more are left (two one-thread processes use two
+        cores better than one process on two threads), here when only one is. The thread
+        count changes rounding, so a model's numbers never depend on how many groups a
+        run, a resumed run or a shard has left. Progress lines come from this process:
+        workers write the epoch they are at into shared memory."""
+        workers = worker_count(self.data["x_train"].device.type)
+        with torch_threads(group_threads(self.device_type) or torch.get_num_threads()):
+            if workers < 2 or len(groups) < 2:
+                for i, group in enumerate(groups):
+                    path = self.snapshot_path(group)
+                    yield group, fit_group(self.experiment, group, self.data, measure,
+                                           self._epoch_counter(i, group),
+                                           *snapshot_files(path))
+                return
+            epochs_done = _shared_counters(len(groups))
+            calls = [(_worker_fit, (self.experiment, self.data, group, measure, i,
+                                    self.snapshot_path(group))) for i, group in enumerate(groups)]
+            with Workers(min(workers, len(groups)), hyperparameters(), epochs_done) as pool:
+                for _, (i, fitted) in pool.map_unordered(
+                        calls, PROGRESS_SECONDS,
+                        lambda: self._progress(self._training(groups, epochs_done))):
+                    self.finished.add(i)
+                    self.partial_cost = sum(self._cost_to(g, epoch) for g, epoch
+                                            in self._training(groups, epochs_done).values())
+                    yield groups[i], [(record, self._rebuild(spec, state))
+                                      for spec, (record, state) in zip(groups[i], fitted)]
+
+    def _training(self, groups, epochs_done):
+        """{index: (group, epochs done)} of the groups that workers are training now."""
+        return {i: (group, epochs_done[i]) for i, group in enumerate(groups)
+                if 0 < epochs_done[i] and i not in self.finished}
+
+    def _epoch_counter(self, i, group):
+        """on_epoch for a group trained in this process: a progress line when one is due."""
+        def on_epoch(epoch):
+            if time.time() - self.last_progress >= PROGRESS_SECONDS:
+                self._progress({i: (group, epoch)})
+        return on_epoch
+
+    def _progress(self, training):
+        """One line per group in training ({index: (group, epochs done)}): its epoch and
+        the time left in this experiment and in the whole run, from this run's pace."""
+        self.last_progress = time.time()
+        if self.log is None:
+            return
+        progressed = self.trained_cost + sum(self._cost_to(g, epoch)
+                                             for g, epoch in training.values())
+        left = _eta(time.time() - self.train_start, progressed, self.todo_cost)
+        for group, epoch in training.values():
+            self.log(f"[{self.experiment}] {_describe_group(group)}: epoch {epoch} of "
+                     f"{group[0]['epochs']}; {_left(self.experiment, left, self.run)}")
+
+    def _rebuild(self, spec, state):
+        model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
+        model.load_state_dict(state)
+        return model.to(self.data["x_train"].device).eval()
+
+    def _note_snapshot(self, group):
+        """Before training: the epoch a stopped group's snapshot holds, logged and kept
+        for the time estimates (an unreadable snapshot is removed: the group starts over)."""
+        path = self.snapshot_path(group)
+        state = load_snapshot(path)
+        if state is None:
+            self._drop_snapshot(group)
+            return
+        epoch = self.resumed[path] = state["training"]["epoch"]
+        if self.log is not None:
+            self.log(f"[{self.experiment}] {_describe_group(group)}: resumes at epoch "
+                     f"{epoch + 1} of {group[0]['epochs']} from the snapshot a stopped run left")
+
+    def share_done(self, group):
+        """How much of a group earlier runs did: 1 when all its records are there, its
+        snapshot's epoch over its epochs, else 0 (for the plan)."""
+        if not self.records_dir:
+            return 0.0
+        if all(os.path.exists(self._paths(spec, group)[0]) for spec in group):
+            return 1.0
+        with warnings.catch_warnings():  # an unreadable snapshot is reported when it is met
+            warnings.simplefilter("ignore")
+            state = load_snapshot(self.snapshot_path(group))
+        return 0.0 if state is None else state["training"]["epoch"] / group[0]["epochs"]
+
+    def _drop_snapshot(self, group):
+        """Remove a group's snapshot: its records, once written, supersede it."""
+        path = self.snapshot_path(group)
+        if path and os.path.exists(path):
+            os.remove(path)
+
+    def _cost_to(self, group, epoch=None):
+        """The cost of training a group from where this run starts it (a snapshot's epoch,
+        or 0) to `epoch` (None: to its end)."""
+        start = self.resumed.get(self.snapshot_path(group), 0)
+        end = group[0]["epochs"] if epoch is None else epoch
+        return group_cost(group) * max(end - start, 0) / group[0]["epochs"]
+
+    def _store(self, spec, group, record, model):
+        """Save a finished model's record and weights (when there is a records_dir), report
+        it, and return the record as it reads back from JSON."""
+        record = {**record, "rounding": self.rounding,
+                  "provenance": provenance(self.device_type)}
+        if self.records_dir:
+            json_path, weights_path = self._paths(spec, group)
+            state = {k: v.cpu() for k, v in model.state_dict().items()}
+            write_atomic(weights_path, lambda f: torch.save(state, f))
+            save_json(json_path, record)  # written last: its presence marks it done
+        record = json.loads(json.dumps(_json_ready(record)))
+        self._report(spec, record, cached=False)
+        return record
+
+    def _report(self, spec, record, cached):
+        self.count += 1
+        if self.log is None:
+            return
+        eta = ""
+        if not cached:
+            left = _eta(time.time() - self.train_start,
+                        self.trained_cost + self.partial_cost, self.todo_cost)
+            eta = (_left(self.experiment, left, self.run)
+                   if self.trained_cost < self.todo_cost else "")
+        what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
+        if spec.get("d") is not None:
+            what += f" d={spec['d']}"
+        if spec.get("replicate", 0) > 0 or (REPLICATES > 1 and "replicate" in spec):
+            what += f" rep={spec['replicate']}"
+        if "seed" in spec:
+            what += f" seed={spec['seed']}"
+        status = "DIVERGED" if record["diverged"] else (
+            f"test_err {_fmt(record['test_err'])} NC1 {_fmt(record['nc_train']['nc1'])}")
+        timing = "cached" if cached else f"{record['seconds']:.1f}s"
+        self.log(f"[{self.experiment}] {what:<28} {status}  ({timing})  "
+                 f"{self.count} done{'; ' + eta if eta else ''}")
+
+
+def load_snapshot(path):
+    """The state a stopped group saved, or None: none, or unreadable (with a warning; the
+    group then starts over)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
+                      "starts over")
+        return None
+
+
+def snapshot_files(path):
+    """(load_state, save_state) for `fit_group`, on the snapshot file `path` (None: no
+    snapshots)."""
+    if path is None:
+        return None, None
+    return (lambda: load_snapshot(path),
+            lambda state: write_atomic(path, lambda f: torch.save(state, f)))
+
+
+def run_experiment(number, setup, device=None, records_dir=None, log=print, rounding=None,
+                   train=True, run=None):
+    """Experiment `number` as `setup` (what its setup function returns) describes it: its
+    models trained, or loaded from `records_dir`, then summarised, as a plain JSON-ready
+    dict. The run_* drivers and the command line both come here; `rounding`, `train` and
+    `run` are as in ModelRuns."""
+    experiment = EXPERIMENTS[number]
+    data = experiment_data(resolve_device(device))
+    runs = ModelRuns(experiment.name, data, records_dir, log, rounding, train, run)
+    records, models = runs.run_many(setup["specs"], setup["measure"], keep_models=True)
+    return _json_ready(experiment.summarise(setup, records, models, data))
+
+
+def run_model_wise_complete(epochs=None, widths=None, archs=("ResNet", "CNN"),
+                            optimizers=("SGD", "Adam"), replicates=None, device=None,
+                            records_dir=None, log=print):
+    """Exp 1, model-wise double descent: every architecture x optimizer x width, trained for
+    `epochs`, `replicates` times (own derived seeds). Per configuration ("ResNet_SGD", ...),
+    lists over widths of the mean over replicates: train/test error, train loss, seconds,
+    NC1-NC4 on the training set (noisy labels) and under "nc_test" on the test set (clean
+    labels); "per_layer": NC1 (both forms) and NC4 of every layer L0..L3; "esd": the weight
+    spectra (layer-averaged power-law alpha and every weight's fit). Every replicate's value
+    is kept under "replicates"; "diverged" says whether any replicate diverged. "curves":
+    the learning curves, train and test error and loss at the log-spaced epochs
+    curves["epoch"] (MODEL_WISE_POINTS of them), as lists over widths of lists over epochs
+    (each replicate's under curves["replicates"]); evaluating them leaves training as it
+    would be without them."""
+    return run_experiment(1, model_wise_setup(epochs, widths, archs, optimizers, replicates),
+                          device, records_dir, log)
+
+
+def run_epoch_wise_dynamics(epochs=None, widths=None, replicates=None, device=None,
+                            records_dir=None, log=print):
+    """Exp 2, epoch-wise double descent: ResNet-1D at a "critical" and a "large" width, Adam,
+    `replicates` models each; at log-spaced epochs, the mean over replicates of train/test
+    error, NC1 (training set) and the layer-averaged power-law alpha of the weight spectra
+    ("alpha": layers with enough eigenvalues for a reliable fit; "alpha_weighted": every
+    layer, weighted by the precision of its fit),
+    with every replicate's values under "replicates"."""
+    return run_experiment(2, epoch_wise_setup(epochs, widths, replicates), device,
+                          records_dir, log)
+
+
+def run_generalized_nc(epochs=None, dims=None, width=None, replicates=None, device=None,
+                       records_dir=None, log=print):
+    """Exp 3, generalised NC: ResNet-1D(width) with a bias-free projector to d dimensions,
+    SGD, `replicates` models per d; NC metrics (training set) against d, the mean over
+    replicates, with every replicate's values under "replicates". d < K-1 = 9 cannot hold a
+    simplex ETF."""
+    return run_experiment(3, generalized_nc_setup(epochs, dims, width, replicates), device,
+                          records_dir, log)
+
+
+def run_cka_experiment(epochs=None, small_width=None, large_width=None, width=None,
+                       seeds=None, drift_epochs=None, estimator=None, conv=None, device=None,
+                       records_dir=None, log=print):
+    """Exp 4, layer-wise CKA between ResNet-1D models trained with Adam:
+    4A small vs large width (4x4 layer pairs, rows small, columns large); 4B one model at
+    `width` against its epoch-1 self at `drift_epochs` (the model of the first seed);
+    4C the models of `seeds` compared pairwise, layer by layer. `estimator` (CKA_ESTIMATOR)
+    is "linear" or "debiased"; `conv` (CKA_CONV) pools conv activations over length or
+    flattens them."""
+    return run_experiment(4, cka_setup(epochs, small_width, large_width, width, seeds,
+                                       drift_epochs, estimator, conv),
+                          device, records_dir, log)
+
+
+# ----------------------------------------------------------------------------------------
+# 9. Workers: processes that train groups side by side, progress and stops.
+# ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _main_hidden_from_workers():
+    """While worker processes start, hide the caller's __main__ from them, unless it is
+    this script (the command line). A spawned worker imports the parent's __main__ to
+    unpickle what it defines; workers need only this module, and a researcher's script
+    without an `if __name__ == "__main__":` guard would run again in every worker (and
+    start workers of its own), while one piped into `python -` has no file to import.
+    Hidden, workers start as they do under `python -c`, where nothing is imported."""
+    main = sys.modules.get("__main__")
+    script = os.path.abspath(__file__)
+    if main is None or os.path.abspath(getattr(main, "__file__", None) or "") == script:
+        yield
+        return
+    import types
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt: the workers are
+    stopped, temporary files are removed, and finished records stay."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _shared_counters(count):
+    """`count` integers in shared memory that workers write and this process reads."""
+    import multiprocessing
+    return multiprocessing.get_context("spawn").Array("i", count, lock=False)
+
+
+class WorkerError(RuntimeError):
+    """A job raised in a worker process; the message holds the worker's traceback."""
+
+
+class Workers:
+    """Worker processes, each taking one call at a time through a pipe of its own.
+
+    Nothing else joins them to each other or to this process, so a worker that a signal
+    ends anywhere (starting, idle, training, writing) blocks nobody. multiprocessing.Pool
+    could not promise that: its workers share one task queue behind one lock, and a
+    SIGTERM to the whole process group that caught an idle worker holding it (`timeout`,
+    a cluster's time limit, `docker stop`) hung the parent's shutdown for good.
+
+    A worker ignores Ctrl-C (it reaches the whole process group; this process decides)
+    and ends on SIGTERM, removing a half-written file on the way (`write_atomic`). A
+    worker that SIGTERM ended stops the run as a SIGTERM here would; one that died
+    otherwise (out of memory, say) raises WorkerError. Leaving the `with` block ends every
+    worker within seconds, whatever it was doing.
+
+    Every worker applies `settings` (the hyperparameters) before its first call. `shared`,
+    when given (shared memory, which cannot travel through a pipe), is handed to every
+    call as its first argument."""
+
+    def __init__(self, count, settings, shared=None):
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+        self.processes, self.pipes = [], []
+        try:
+            with _main_hidden_from_workers():
+                for _ in range(count):
+                    pipe, worker_end = context.Pipe()
+                    process = context.Process(target=_worker_main, daemon=True,
+                                              args=(worker_end, settings, shared))
+                    process.start()
+                    worker_end.close()
+                    self.processes.append(process)
+                    self.pipes.append(pipe)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def map_unordered(self, calls, timeout=None, on_wait=None):
+        """(index, function(*args)) for each (function, args) in `calls`, in the order
+        they finish; `on_wait()` after every `timeout` seconds that bring no result."""
+        from multiprocessing.connection import wait
+        waiting = list(enumerate(calls))[::-1]
+        busy = {}  # worker number: index of the call it runs
+        while waiting or busy:
+            for w in range(len(self.processes)):
+                if waiting and w not in busy:
+                    busy[w], call = waiting.pop()
+                    try:
+                        self.pipes[w].send(call)
+                    except OSError:  # the worker has ended
+                        self._lost(w)
+            ready = set(wait([self.pipes[w] for w in busy] +
+                             [self.processes[w].sentinel for w in busy], timeout))
+            if not ready and on_wait is not None:
+                on_wait()
+            for w in list(busy):
+                if self.pipes[w] not in ready and self.processes[w].sentinel not in ready:
+                    continue
+                try:
+                    ok, value = self.pipes[w].recv()
+                except (EOFError, OSError):
+                    self._lost(w)
+                if not ok:
+                    raise WorkerError(value)
+                yield busy.pop(w), value
+
+    def _lost(self, w):
+        """A worker ended without answering: how it ended decides what the run does."""
+        process = self.processes[w]
+        process.join(5)
+        code = process.exitcode
+        if code in (-signal.SIGTERM, 128 + signal.SIGTERM):
+            raise Terminated()
+        if code in (-signal.SIGINT, 128 + signal.SIGINT):
+            raise KeyboardInterrupt()
+        raise WorkerError(f"a worker process ended with exit code {code} (a negative one is "
+                          "a signal's number: 9 may be the kernel out of memory); finished "
+                          "models are saved, rerun the same command to resume")
+
+    def close(self):
+        """End every worker: close the pipes (an idle worker then returns by itself),
+        SIGTERM each one still running, and SIGKILL any still there after 5 s."""
+        for pipe in self.pipes:
+            pipe.close()
+        for process in self.processes:
+            if process.exitcode is None:
+                process.terminate()
+        deadline = time.time() + 5
+        for process in self.processes:
+            process.join(max(deadline - time.time(), 0))
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+
+
+def _worker_main(pipe, settings, shared):
+    """A worker process: runs the calls that come through `pipe` until it closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    torch.set_num_threads(1)
+    apply_settings(settings)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    while True:
+        try:
+            function, args = pipe.recv()
+        except EOFError:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already; nothing to undo
+            return
+        try:
+            reply = (True, function(*args) if shared is None else function(shared, *args))
+        except Exception:
+            import traceback
+            reply = (False, "in a worker process:\n" + traceback.format_exc())
+        pipe.send(reply)
+
+
+def _exit_on_sigterm(signum, frame):
+    # once: a second SIGTERM (the parent's, after the group's) must not strike the way out
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(128 + signum)  # an exception, so that `finally` blocks run on the way out
+
+
+def _exit_with_parent(parent):
+    """A worker ends when its parent does, however the parent ended (a SIGKILL or a
+    cluster's time limit included), instead of training on for nobody."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _worker_fit(epochs_done, experiment, data, group, measure, index, snapshot_path):
+    """In a worker process: train one group on the parent's data (a worker that loaded
+    it itself would pay about 0.9 s importing mnist1d and scipy), writing the epoch it has
+    reached into epochs_done[index]; the records and weights go back to the parent, which
+    alone writes them and prints progress. The group's snapshots, only this process has."""
+    on_epoch = functools.partial(epochs_done.__setitem__, index)
+    return index, [(record, {k: v.cpu() for k, v in model.state_dict().items()})
+                   for record, model in fit_group(experiment, group, data, measure, on_epoch,
+                                                  *snapshot_files(snapshot_path))]
+
+
+def _eta(elapsed, progressed, total):
+    """Seconds left at the pace so far: `progressed` of `total` cost done in `elapsed`
+    seconds (with workers, the partial epochs of groups in training count, so the pace
+    includes every worker)."""
+    return elapsed / progressed * max(total - progressed, 0) if progressed > 0 else None
+
+
+def _left(experiment, seconds, run=None):
+    """'exp1 ~5m left, run ~1h02m left': this experiment's time left and, in a command-line
+    run (`run`: the plan's estimate of each experiment, and the seconds taken by those
+    already finished), the run's, where each later experiment takes its estimate scaled by
+    this run's pace so far (the seconds the finished experiments took over their
+    estimates)."""
+    if seconds is None:
+        return ""
+    text = f"{experiment} ~{_duration(seconds)} left"
+    if run and run["estimates"]:
+        later = [e for e in run["estimates"] if e not in run["taken"] and e != experiment]
+        finished = [e for e in run["taken"] if e in run["estimates"]]
+        estimated = sum(run["estimates"][e] for e in finished)
+        pace = sum(run["taken"][e] for e in finished) / estimated if estimated else 1.0
+        total = seconds + pace * sum(run["estimates"][e] for e in later)
+        text += f", run ~{_duration(total)} left"
+    return text
+
+
+# ----------------------------------------------------------------------------------------
+# 10. The study as a whole: its plan and time estimate, shards, collecting and merging.
 # ----------------------------------------------------------------------------------------
 RESULTS_NAME = "neural_collapse_cka_results"
 LAYERS_NAME = "neural_collapse_layers"
 WIDTH_EPOCH_NAME = "neural_collapse_width_epoch"
 MODELS_NAME = "neural_collapse_cka_models"
-
-# Integers that must be >= 1 (every other number must be >= 0).
-_AT_LEAST_ONE = {"BATCH_SIZE", "EPOCH_WISE_POINTS", "GEN_NC_WIDTH", "CKA_SMALL_WIDTH",
-                 "CKA_LARGE_WIDTH", "CKA_WIDTH", "CKA_SUBSET", "FIGURE_DPI", "TRAIN_SUBSET",
-                 "WIDTHS", "DIMS", "CKA_DRIFT_EPOCHS", "EPOCH_WISE_WIDTHS", "REPLICATES",
-                 "CPU_GROUP_WIDTH"}
-# String globals and the values they may take.
-_CHOICES = {"CKA_ESTIMATOR": list(CKA_ESTIMATORS), "CKA_CONV": CKA_CONV_MODES}
-
-
-def hyperparameters():
-    """The current value of every hyperparameter global (what the results file records)."""
-    return {name: globals()[name] for name in _HYPERPARAMETER_NAMES}
-
-
-def check_setting(name, value):
-    """`value` if it is allowed for the global `name` (same type as its default, in range),
-    else ValueError naming what is allowed."""
-    if name not in _HYPERPARAMETER_NAMES:
-        raise ValueError(f"unknown hyperparameter {name!r}; allowed: "
-                         + ", ".join(_HYPERPARAMETER_NAMES))
-    default = _DEFAULTS[name]
-    low = 1 if name in _AT_LEAST_ONE or name.startswith("EPOCHS_") else 0
-
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def fail(allowed):
-        raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
-
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            fail("True or False")
-    elif default is None or is_int(default):
-        if not (is_int(value) and value >= low) and not (default is None and value is None):
-            fail(f"an integer >= {low}" + (" or None" if default is None else ""))
-    elif isinstance(default, float):
-        if not (is_int(value) or isinstance(value, float)) or not np.isfinite(value) or value < 0:
-            fail("a finite number >= 0")
-        if name.endswith("_LR") and value <= 0:
-            fail("a learning rate > 0")
-        if name == "PROGRESS_SECONDS" and value <= 0:
-            fail("a number of seconds > 0")
-        if name == "LABEL_NOISE" and value >= 1:
-            fail("a fraction in [0, 1)")
-        value = float(value)
-    elif isinstance(default, list):
-        if not isinstance(value, list) or not value or not all(
-                is_int(v) and v >= low for v in value):
-            fail(f"a non-empty list of integers >= {low}, like {default}")
-    elif isinstance(default, dict):
-        if not isinstance(value, dict) or not value or not all(
-                isinstance(k, str) and is_int(v) and v >= 1 for k, v in value.items()):
-            fail(f"a non-empty dict of name: width, like {default}")
-    elif name in _CHOICES and value not in _CHOICES[name]:
-        fail("one of " + ", ".join(_CHOICES[name]))
-    elif isinstance(default, str) and not isinstance(value, str):
-        fail("a string")
-    return value
-
-
-def parse_setting(text):
-    """'NAME=VALUE' -> (NAME, value), VALUE read as a Python literal (a bare word is a string)."""
-    name, sep, raw = text.partition("=")
-    name = name.strip()
-    if not sep or not name:
-        raise ValueError(f"--set expects NAME=VALUE, got {text!r}")
-    try:
-        value = ast.literal_eval(raw.strip())
-    except (ValueError, SyntaxError):
-        value = raw.strip()  # a bare word: only a string global accepts it
-    return name, check_setting(name, value)
-
-
-def apply_settings(settings):
-    # globals() rather than sys.modules[__name__]: in a spawned worker of a script run as
-    # __main__, the two are different namespaces, and the functions read globals().
-    for name, value in settings.items():
-        globals()[name] = check_setting(name, value)
-
-
-def environment(device):
-    import matplotlib
-    import mnist1d
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "matplotlib": matplotlib.__version__,
-            "mnist1d": getattr(mnist1d, "__version__", _package_version("mnist1d")),
-            "platform": platform.platform(), "device": device.type,
-            "torch_threads": torch.get_num_threads(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                           else cpu_name())
-    return {**info, "provenance": provenance(device.type)}
-
-
-def _package_version(name):
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # The study as a whole: every fused group of the chosen experiments, how long each should
@@ -3388,6 +3306,111 @@ def load_results(path):
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         raise ValueError(f"{path!r} is not a results file of this script (no 'config' entry)")
     return results
+
+
+# ----------------------------------------------------------------------------------------
+# 11. Command line
+# ----------------------------------------------------------------------------------------
+# Integers that must be >= 1 (every other number must be >= 0).
+_AT_LEAST_ONE = {"BATCH_SIZE", "EPOCH_WISE_POINTS", "GEN_NC_WIDTH", "CKA_SMALL_WIDTH",
+                 "CKA_LARGE_WIDTH", "CKA_WIDTH", "CKA_SUBSET", "FIGURE_DPI", "TRAIN_SUBSET",
+                 "WIDTHS", "DIMS", "CKA_DRIFT_EPOCHS", "EPOCH_WISE_WIDTHS", "REPLICATES",
+                 "CPU_GROUP_WIDTH"}
+# String globals and the values they may take.
+_CHOICES = {"CKA_ESTIMATOR": list(CKA_ESTIMATORS), "CKA_CONV": CKA_CONV_MODES}
+
+
+def hyperparameters():
+    """The current value of every hyperparameter global (what the results file records)."""
+    return {name: globals()[name] for name in _HYPERPARAMETER_NAMES}
+
+
+def check_setting(name, value):
+    """`value` if it is allowed for the global `name` (same type as its default, in range),
+    else ValueError naming what is allowed."""
+    if name not in _HYPERPARAMETER_NAMES:
+        raise ValueError(f"unknown hyperparameter {name!r}; allowed: "
+                         + ", ".join(_HYPERPARAMETER_NAMES))
+    default = _DEFAULTS[name]
+    low = 1 if name in _AT_LEAST_ONE or name.startswith("EPOCHS_") else 0
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def fail(allowed):
+        raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail("True or False")
+    elif default is None or is_int(default):
+        if not (is_int(value) and value >= low) and not (default is None and value is None):
+            fail(f"an integer >= {low}" + (" or None" if default is None else ""))
+    elif isinstance(default, float):
+        if not (is_int(value) or isinstance(value, float)) or not np.isfinite(value) or value < 0:
+            fail("a finite number >= 0")
+        if name.endswith("_LR") and value <= 0:
+            fail("a learning rate > 0")
+        if name == "PROGRESS_SECONDS" and value <= 0:
+            fail("a number of seconds > 0")
+        if name == "LABEL_NOISE" and value >= 1:
+            fail("a fraction in [0, 1)")
+        value = float(value)
+    elif isinstance(default, list):
+        if not isinstance(value, list) or not value or not all(
+                is_int(v) and v >= low for v in value):
+            fail(f"a non-empty list of integers >= {low}, like {default}")
+    elif isinstance(default, dict):
+        if not isinstance(value, dict) or not value or not all(
+                isinstance(k, str) and is_int(v) and v >= 1 for k, v in value.items()):
+            fail(f"a non-empty dict of name: width, like {default}")
+    elif name in _CHOICES and value not in _CHOICES[name]:
+        fail("one of " + ", ".join(_CHOICES[name]))
+    elif isinstance(default, str) and not isinstance(value, str):
+        fail("a string")
+    return value
+
+
+def parse_setting(text):
+    """'NAME=VALUE' -> (NAME, value), VALUE read as a Python literal (a bare word is a string)."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ValueError(f"--set expects NAME=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()  # a bare word: only a string global accepts it
+    return name, check_setting(name, value)
+
+
+def apply_settings(settings):
+    # globals() rather than sys.modules[__name__]: in a spawned worker of a script run as
+    # __main__, the two are different namespaces, and the functions read globals().
+    for name, value in settings.items():
+        globals()[name] = check_setting(name, value)
+
+
+def environment(device):
+    import matplotlib
+    import mnist1d
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "matplotlib": matplotlib.__version__,
+            "mnist1d": getattr(mnist1d, "__version__", _package_version("mnist1d")),
+            "platform": platform.platform(), "device": device.type,
+            "torch_threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    info["device_name"] = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else cpu_name())
+    return {**info, "provenance": provenance(device.type)}
+
+
+def _package_version(name):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
