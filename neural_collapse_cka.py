@@ -322,6 +322,11 @@ def get_data(label_noise=LABEL_NOISE, seed=SEED, device=None, cache_path=None):
 # 3. Models. Inputs (n, 40) or (n, 1, 40). `features(x)` returns the layer representations
 #    [L0, L1, L2, L3] of one forward pass; L3 is the penultimate feature h (n, d) and
 #    `classifier(h)` the logits, so features and logits never need two passes.
+#
+#    Each architecture is written once, as `layers(net, x)`: a few named operations
+#    (conv_bn_relu, res_block, ...) applied on `net`. A single model applies them with
+#    its own modules (Net1D); FusedModels applies them to G models at once, and
+#    `model_work` counts their work, each from this one description.
 # ----------------------------------------------------------------------------------------
 def conv_bn_relu(c_in, c_out):
     # No conv bias: the BatchNorm right after it has its own shift.
@@ -344,11 +349,29 @@ class ResBlock(nn.Module):
         return F.relu(x + self.bn2(self.conv2(out)))
 
 
-def _as_channels(x):
-    return x.unsqueeze(1) if x.dim() == 2 else x
+class Net1D(nn.Module):
+    """A single model: its architecture's `layers`, each named operation applied with the
+    module of that name."""
+
+    def features(self, x):
+        return self.layers(self, x.unsqueeze(1) if x.dim() == 2 else x)
+
+    def forward(self, x):
+        return self.classifier(self.features(x)[-1])
+
+    def _module(self, name, x):
+        return self.get_submodule(name)(x)
+
+    conv_bn_relu = conv_bn_relu_pool = res_block = linear = _module
+
+    def global_pool(self, x):
+        return x.mean(dim=2)
+
+    def has(self, name):
+        return getattr(self, name, None) is not None
 
 
-class ResNet1D(nn.Module):
+class ResNet1D(Net1D):
     """Stem (L0) -> ResBlock (L1) -> ResBlock (L2) -> global average pool (L3 = h in R^w)
     [-> optional Linear(w -> d) projector, then L3 = h in R^d] -> Linear(d -> 10), no bias.
     Parameters: 12w^2 + 23w without the projector, 12w^2 + 13w + wd + 10d with it."""
@@ -363,20 +386,18 @@ class ResNet1D(nn.Module):
                           if feature_dim is not None else None)
         self.classifier = nn.Linear(feature_dim or width, NUM_CLASSES, bias=False)
 
-    def features(self, x):
-        l0 = self.stem(_as_channels(x))
-        l1 = self.block1(l0)
-        l2 = self.block2(l1)
-        h = l2.mean(dim=2)
-        if self.projector is not None:
-            h = self.projector(h)
+    @staticmethod
+    def layers(net, x):
+        l0 = net.conv_bn_relu("stem", x)
+        l1 = net.res_block("block1", l0)
+        l2 = net.res_block("block2", l1)
+        h = net.global_pool(l2)
+        if net.has("projector"):
+            h = net.linear("projector", h)
         return [l0, l1, l2, h]
 
-    def forward(self, x):
-        return self.classifier(self.features(x)[-1])
 
-
-class CNN1D(nn.Module):
+class CNN1D(Net1D):
     """[Conv(1->w)+BN+ReLU+MaxPool2] (L0), [Conv(w->w)+BN+ReLU+MaxPool2] (L1),
     [Conv(w->2w)+BN+ReLU] (L2), [Conv(2w->2w)+BN+ReLU] + global average pool (L3 = h in
     R^{2w}) -> Linear(2w -> 10), no bias. Parameters: 21w^2 + 35w."""
@@ -390,15 +411,23 @@ class CNN1D(nn.Module):
         self.block4 = conv_bn_relu(2 * width, 2 * width)
         self.classifier = nn.Linear(2 * width, NUM_CLASSES, bias=False)
 
-    def features(self, x):
-        l0 = self.block1(_as_channels(x))
-        l1 = self.block2(l0)
-        l2 = self.block3(l1)
-        h = self.block4(l2).mean(dim=2)
+    @staticmethod
+    def layers(net, x):
+        l0 = net.conv_bn_relu_pool("block1", x)
+        l1 = net.conv_bn_relu_pool("block2", l0)
+        l2 = net.conv_bn_relu("block3", l1)
+        h = net.global_pool(net.conv_bn_relu("block4", l2))
         return [l0, l1, l2, h]
 
-    def forward(self, x):
-        return self.classifier(self.features(x)[-1])
+
+def build_model(arch, width, feature_dim=None):
+    """An untrained model, initialised from torch's global generator (`make_model` seeds
+    it); a feature dimension (the projector) exists for ResNet alone."""
+    if arch == "ResNet":
+        return ResNet1D(width, feature_dim)
+    if arch == "CNN":
+        return CNN1D(width)
+    raise ValueError(f"unknown architecture {arch!r}; allowed: ResNet, CNN")
 
 
 def count_parameters(model):
@@ -732,11 +761,7 @@ def resolve_device(name=None):
 
 def make_model(arch, width, seed, feature_dim=None):
     torch.manual_seed(seed)  # the only place initial weights are seeded
-    if arch == "ResNet":
-        return ResNet1D(width, feature_dim)
-    if arch == "CNN":
-        return CNN1D(width)
-    raise ValueError(f"unknown architecture {arch!r}; allowed: ResNet, CNN")
+    return build_model(arch, width, feature_dim)
 
 
 def subnormals_survive():
@@ -873,7 +898,7 @@ class FusedModels(nn.Module):
 
     def __init__(self, models):
         super().__init__()
-        self.arch = "ResNet" if isinstance(models[0], ResNet1D) else "CNN"
+        self.layers = type(models[0]).layers  # the architecture, as the single model has it
         self.size = len(models)
         self.names = []
         for name, _ in models[0].state_dict().items():
@@ -908,36 +933,38 @@ class FusedModels(nn.Module):
                             getattr(self, key + "_running_var"), getattr(self, key + "_weight"),
                             getattr(self, key + "_bias"), training=self.training)
 
-    # ReLU and the skip addition work in place on BatchNorm's output (BatchNorm's backward
-    # needs its input, not its output): the same values, one fresh activation fewer each,
-    # about 5% of a one-thread CPU epoch (a one-off A/B).
-    def _bn_relu(self, x, name):
-        return F.relu(self._bn(x, name), inplace=True)
+    # The operations of the architectures' `layers`, on all G models at once. ReLU and the
+    # skip addition work in place on BatchNorm's output (BatchNorm's backward needs its
+    # input, not its output): the same values, one fresh activation fewer each, about 5% of
+    # a one-thread CPU epoch (a one-off A/B).
+    def conv_bn_relu(self, name, x):
+        return F.relu(self._bn(self._conv(x, name + ".0"), name + ".1"), inplace=True)
 
-    def _block(self, x, name):
-        out = self._bn_relu(self._conv(x, name + ".conv1"), name + ".bn1")
+    def conv_bn_relu_pool(self, name, x):
+        return F.max_pool2d(self.conv_bn_relu(name + ".0", x), (1, 2))
+
+    def res_block(self, name, x):
+        out = F.relu(self._bn(self._conv(x, name + ".conv1"), name + ".bn1"), inplace=True)
         return F.relu(self._bn(self._conv(out, name + ".conv2"), name + ".bn2").add_(x),
                       inplace=True)
 
+    def global_pool(self, x):
+        # sum / L, which equals mean bit for bit on a CPU: mean's backward hands the last
+        # ReLU a gradient materialised in the default layout, and a ReLU backward that
+        # mixes layouts takes a slow path (2.9 ms against 0.09 ms on a 128 x 128 x 40
+        # channels-last tensor, one thread); sum's hands it a broadcast view (0.19 ms).
+        # One-thread epochs, interleaved A/B: 12-18% faster, the same weights.
+        return (x.sum(dim=(2, 3)) / x.shape[3]).view(len(x), self.size, -1)
+
+    def linear(self, name, h):  # (B, G, in) -> (B, G, out), each model its own matrix
+        return torch.einsum("bgi,goi->bgo", h, getattr(self, name + "_weight"))
+
+    def has(self, name):
+        return hasattr(self, name + "_weight")
+
     def forward(self, x):
         out = x.unsqueeze(2).contiguous(memory_format=activation_layout(x.device.type))
-        if self.arch == "ResNet":
-            out = self._bn_relu(self._conv(out, "stem.0"), "stem.1")
-            out = self._block(self._block(out, "block1"), "block2")
-        else:
-            for name, pooled in [("block1.0", True), ("block2.0", True), ("block3", False),
-                                 ("block4", False)]:
-                out = self._bn_relu(self._conv(out, name + ".0"), name + ".1")
-                out = F.max_pool2d(out, (1, 2)) if pooled else out
-        # global average pooling as sum / L, which equals mean bit for bit on a CPU: mean's
-        # backward hands the last ReLU a gradient materialised in the default layout, and a
-        # ReLU backward that mixes layouts takes a slow path (2.9 ms against 0.09 ms on a
-        # 128 x 128 x 40 channels-last tensor, one thread); sum's hands it a broadcast view
-        # (0.19 ms). One-thread epochs, interleaved A/B: 12-18% faster, the same weights.
-        h = (out.sum(dim=(2, 3)) / out.shape[3]).view(len(x), self.size, -1)
-        if hasattr(self, "projector_weight"):
-            h = torch.einsum("bgw,gdw->bgd", h, self.projector_weight)
-        return torch.einsum("bgd,gkd->bgk", h, self.classifier_weight)
+        return self.linear("classifier", self.layers(self, out)[-1])
 
     @torch.no_grad()
     def copy_into(self, g, model):
@@ -2095,20 +2122,59 @@ def save_json(path, obj):
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+class WorkCount:
+    """Counts the work of one input through `model` by running its architecture's `layers`
+    on shapes, (channels, length): the multiply-adds and output values of every
+    convolution, the multiply-adds of every linear layer."""
+
+    def __init__(self, model):
+        self.model, self.macs, self.activations = model, 0, 0
+
+    def _conv(self, conv, shape):
+        channels, length = shape
+        self.macs += conv.kernel_size[0] * channels * conv.out_channels * length
+        self.activations += conv.out_channels * length
+        return conv.out_channels, length
+
+    def conv_bn_relu(self, name, shape):
+        return self._conv(self.model.get_submodule(name)[0], shape)
+
+    def conv_bn_relu_pool(self, name, shape):
+        channels, length = self.conv_bn_relu(name + ".0", shape)
+        return channels, length // 2
+
+    def res_block(self, name, shape):
+        block = self.model.get_submodule(name)
+        return self._conv(block.conv2, self._conv(block.conv1, shape))
+
+    def global_pool(self, shape):
+        return shape[0]
+
+    def linear(self, name, features):
+        layer = self.model.get_submodule(name)
+        self.macs += layer.in_features * layer.out_features
+        return layer.out_features
+
+    def has(self, name):
+        return self.model.has(name)
+
+
 def model_work(spec):
-    """The work of one input through one model, as multiply-adds plus 50 per activation
-    value (BatchNorm, ReLU and their backward are memory-bound) plus 20,000 of fixed
-    per-step overhead. On a 2-core CPU this tracks measured epoch times within about 30%
-    across widths 2-64 of both architectures, where the parameter count would put
+    """The work of one input through one model (`WorkCount`), as multiply-adds plus 50 per
+    activation value (BatchNorm, ReLU and their backward are memory-bound) plus 20,000 of
+    fixed per-step overhead. On a 2-core CPU this tracks measured epoch times within about
+    30% across widths 2-64 of both architectures, where the parameter count would put
     ResNet's time per parameter at 2.7x CNN's."""
-    w, d, length = spec["width"], spec.get("d"), 40  # MNIST-1D sequences have 40 samples
-    if spec["arch"] == "ResNet":  # stem 1 -> w, then four w -> w convs, all at full length
-        macs = 3 * w * length + 4 * 3 * w * w * length + (w * d if d else 0) + 10 * (d or w)
-        activations = 5 * w * length
-    else:  # CNN: w at 40, w at 20, 2w at 10, 2w at 10
-        macs = 3 * w * 40 + 3 * w * w * 20 + 3 * w * 2 * w * 10 + 3 * 4 * w * w * 10 + 20 * w
-        activations = 100 * w
-    return macs + 50 * activations + 20_000
+    return _work(spec["arch"], spec["width"], spec.get("d"))
+
+
+@functools.lru_cache(maxsize=None)
+def _work(arch, width, feature_dim):
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        model = build_model(arch, width, feature_dim)
+    count = WorkCount(model)
+    count.linear("classifier", model.layers(count, (1, 40)))  # MNIST-1D: length 40
+    return count.macs + 50 * count.activations + 20_000
 
 
 def model_cost(spec):
