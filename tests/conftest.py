@@ -14,6 +14,16 @@ NAME = "neural_collapse_cka_results"
 import neural_collapse_cka as ncc  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def settings_left_as_found():
+    """A test that changes a hyperparameter must restore it: later tests read them."""
+    before = ncc.hyperparameters()
+    yield
+    changed = {name: value for name, value in ncc.hyperparameters().items()
+               if before[name] != value}
+    assert not changed, f"the test left hyperparameters changed: {changed}"
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     """One generated MNIST-1D cache shared by the whole session (generation takes ~2 s)."""

@@ -72,7 +72,7 @@ def test_a_fifth_experiment_is_one_entry(tiny, monkeypatch, capsys):
     try:
         ncc.apply_settings(ncc.PRESETS["smoke"])
         assert all(runs.stored_records(toy_setup()["specs"]))
-        monkeypatch.setattr(ncc, "GEN_NC_WIDTH", 8)
+        ncc.GEN_NC_WIDTH = 8  # restored with the rest below
         assert not any(runs.stored_records(toy_setup()["specs"]))
     finally:
         ncc.apply_settings(saved)

@@ -8,6 +8,15 @@ import pytest
 import neural_collapse_cka as ncc
 
 
+@pytest.fixture(autouse=True)
+def full_study():
+    """Every hyperparameter at the value this file defines: the keys of the full study."""
+    saved = ncc.hyperparameters()
+    ncc.apply_settings(ncc._DEFAULTS)
+    yield
+    ncc.apply_settings(saved)
+
+
 def study_keys(device_type="cpu"):
     """{(experiment, model spec): key} for every model of the full study."""
     keys = {}
