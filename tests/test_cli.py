@@ -256,7 +256,7 @@ def test_corrupt_cache_gives_a_one_line_warning_and_the_run_goes_on(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
 def test_gpu_check_without_cuda_is_one_line_exit_2(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "gpu_check.py"),
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"),
                              str(tmp_path / "check")], capture_output=True, text=True,
                             cwd=ROOT, timeout=120)
     assert result.returncode == 2 and "CUDA is not available" in result.stderr

@@ -3,7 +3,7 @@ models train together, how many worker processes train them, and the optimizers'
 kernels with the tensor-valued learning rate that a CUDA graph reads. (The activation
 layout of each device is checked in tests/test_fused.py, CUDA graph bookkeeping there too;
 the CPU's grouping in tests/test_experiments.py; what truly needs a GPU is run by
-tests/gpu_check.py.)"""
+tools/gpu_check.py.)"""
 import os
 
 import pytest

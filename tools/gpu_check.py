@@ -1,7 +1,7 @@
 """One command that proves the GPU path on one GPU, within a time budget (not part of the
 pytest run; not yet run on a GPU):
 
-    python tests/gpu_check.py OUT_DIR [--budget 480] [--fraction 0.005] [--benchmark-epochs 10]
+    python tools/gpu_check.py OUT_DIR [--budget 480] [--fraction 0.005] [--benchmark-epochs 10]
 
 In this order, each check started only while the budget (seconds) lasts:
 1. the CUDA tests of tests/test_fused.py (CUDA graphs against eager epochs);
@@ -14,7 +14,7 @@ In this order, each check started only while the budget (seconds) lasts:
    snapshot, against an uninterrupted one: the same numbers;
 4. an epoch of each of Exp 1's fused groups with the activations in PyTorch's default
    layout and in channels-last (the CPU's);
-5. tests/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
+5. tools/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
 6. Exp 1 at `--fraction` of its epochs as 1, 2 and 4 concurrent shard processes on the
    one GPU.
 
@@ -84,7 +84,7 @@ def check_cuda_tests(report, device):
 
 def check_benchmark(report, device, epochs):
     import neural_collapse_cka as ncc
-    seconds, done = run([sys.executable, "tests/benchmark.py", "--device", device,
+    seconds, done = run([sys.executable, "tools/benchmark.py", "--device", device,
                          "--epochs", str(epochs), "--widths", ",".join(map(str, ncc.WIDTHS))])
     report["benchmark"] = {"ok": done.returncode == 0, "seconds": seconds,
                            "output": tail(done.stdout + done.stderr)}

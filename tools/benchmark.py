@@ -10,7 +10,7 @@ in one run on one machine, printing model-epochs per second and their ratio.
     Both analyse every trained model as Exp 1 does (errors, NC metrics, per-layer NC, spectra).
     On a GPU a third row: ours with CUDA_GRAPHS (each epoch after the first one CUDA graph).
 
-    python tests/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...] [--repeats 3]
+    python tools/benchmark.py --epochs 5 [--device cpu|cuda] [--widths 2,4,...] [--repeats 3]
 
 With --bound (CPU), it times one epoch of every Exp 1 model alone three ways, the plain
 way on all threads, the plain way on one thread, and this script's loop on one thread,
@@ -18,7 +18,7 @@ then one epoch of each of the groups this script fuses on a CPU (`ModelRuns.grou
 one thread, and prints the most that two one-thread worker processes could gain over the
 plain way if they split the work perfectly: sum(plain, all threads) / (sum(groups) / 2).
 
-    python tests/benchmark.py --bound
+    python tools/benchmark.py --bound
 
 With --curves, it prices Exp 1's learning curves: each of Exp 1's groups (as this device
 forms them, at the script's settings) trains --epochs epochs with a checkpoint evaluation
@@ -26,7 +26,7 @@ after every epoch, on one thread on a CPU as in a worker; the time spent evaluat
 the time spent training, scaled to MODEL_WISE_POINTS evaluations in EPOCHS_MODEL_WISE
 epochs, is what the curves add to Exp 1's training time.
 
-    python tests/benchmark.py --curves --epochs 2
+    python tools/benchmark.py --curves --epochs 2
 """
 import argparse
 import os
