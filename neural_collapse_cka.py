@@ -2337,13 +2337,15 @@ class ModelRuns:
 
     `rounding` is the rounding context the records are keyed under (default: this
     process's, on the data's device); `run` is the command line's {"estimates", "taken"}
-    of every experiment, for the time left in the whole run (`_left`)."""
+    of every experiment, for the time left in the whole run (`_left`); `workers`, the
+    run's worker processes (RunWorkers), kept from one experiment to the next."""
 
     def __init__(self, experiment, data, records_dir=None, log=print, rounding=None,
-                 train=True, run=None):
+                 train=True, run=None, workers=None):
         self.experiment, self.data, self.records_dir, self.log = experiment, data, records_dir, log
         self.rounding = rounding or rounding_context(data["x_train"].device.type)
         self.device_type, self.train, self.run = self.rounding["device"], train, run
+        self.workers = workers
         self.count, self.trained_cost = 0, 0
         self.train_start, self.todo_cost, self.finished, self.last_progress = None, 0, set(), 0.0
         self.partial_cost = 0  # work done in groups that workers are still training
@@ -2462,7 +2464,8 @@ class ModelRuns:
         cores better than one process on two threads), here when only one is. The thread
         count changes rounding, so a model's numbers never depend on how many groups a
         run, a resumed run or a shard has left. Progress lines come from this process:
-        workers write the epoch they are at into shared memory."""
+        workers write the epoch they are at into shared memory. The worker processes are
+        the run's (`workers`, a RunWorkers), else this call's own."""
         workers = worker_count(self.data["x_train"].device.type)
         with torch_threads(group_threads(self.device_type) or torch.get_num_threads()):
             if workers < 2 or len(groups) < 2:
@@ -2472,10 +2475,11 @@ class ModelRuns:
                                            self._epoch_counter(i, group),
                                            *snapshot_files(path))
                 return
-            epochs_done = _shared_counters(len(groups))
             calls = [(_worker_fit, (self.experiment, self.data, group, measure, i,
                                     self.snapshot_path(group))) for i, group in enumerate(groups)]
-            with Workers(min(workers, len(groups)), hyperparameters(), epochs_done) as pool:
+            shared = self.workers or RunWorkers(min(workers, len(groups)), len(groups))
+            with contextlib.nullcontext() if self.workers else shared:
+                pool, epochs_done = shared.start(len(groups))
                 for _, (i, fitted) in pool.map_unordered(
                         calls, PROGRESS_SECONDS,
                         lambda: self._progress(self._training(groups, epochs_done))):
@@ -2614,14 +2618,14 @@ def snapshot_files(path):
 
 
 def run_experiment(number, setup, device=None, records_dir=None, log=print, rounding=None,
-                   train=True, run=None):
+                   train=True, run=None, workers=None):
     """Experiment `number` as `setup` (what its setup function returns) describes it: its
     models trained, or loaded from `records_dir`, then summarised, as a plain JSON-ready
-    dict. The run_* drivers and the command line both come here; `rounding`, `train` and
-    `run` are as in ModelRuns."""
+    dict. The run_* drivers and the command line both come here; `rounding`, `train`,
+    `run` and `workers` are as in ModelRuns."""
     experiment = EXPERIMENTS[number]
     data = experiment_data(resolve_device(device))
-    runs = ModelRuns(experiment.name, data, records_dir, log, rounding, train, run)
+    runs = ModelRuns(experiment.name, data, records_dir, log, rounding, train, run, workers)
     records, models = runs.run_many(setup["specs"], setup["measure"], keep_models=True)
     return _json_ready(experiment.summarise(setup, records, models, data))
 
@@ -2822,6 +2826,34 @@ class Workers:
             if process.exitcode is None:
                 process.kill()
                 process.join()
+
+
+class RunWorkers:
+    """The worker processes of a whole run: `count` of them, started when an experiment
+    first trains two or more groups and kept for the experiments after it (each start
+    costs every worker seconds of importing torch), with `slots` shared epoch counters;
+    ended when the `with` block ends."""
+
+    def __init__(self, count, slots):
+        self.count, self.slots, self.pool, self.counters = count, slots, None, None
+
+    def start(self, groups):
+        """(Workers, epoch counters) for an experiment of `groups` groups, its counters
+        at 0."""
+        if groups > self.slots:
+            raise ValueError(f"{groups} groups but {self.slots} progress counters")
+        if self.pool is None:
+            self.counters = _shared_counters(self.slots)
+            self.pool = Workers(self.count, hyperparameters(), self.counters)
+        self.counters[:groups] = [0] * groups
+        return self.pool, self.counters
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _worker_main(pipe, settings, shared):
@@ -3125,6 +3157,16 @@ def plan_study(experiments, device, shard=None, detail=False, log=print, records
                                                  if o == index], device, first_use)}
 
 
+def run_workers(experiments, device_type):
+    """The worker processes that every experiment of a run shares (RunWorkers): as many as
+    the most groups one experiment has, up to `worker_count`."""
+    sizes = {}
+    for name, _ in study_groups(experiments, device_type):
+        sizes[name] = sizes.get(name, 0) + 1
+    most = max(sizes.values(), default=1)
+    return RunWorkers(min(worker_count(device_type), most), most)
+
+
 def run_study(experiments, out_dir, device, preset, log=print, env=None, estimates=None,
               collect_from=None):
     """Run the chosen experiments with the current globals, then write the results JSON and
@@ -3139,13 +3181,14 @@ def run_study(experiments, out_dir, device, preset, log=print, env=None, estimat
                "env": {**environment(device), **(env or {})}}
     walls = results["env"]["wall_seconds"] = {}
     start = time.time()
-    for number in experiments:
-        t0 = time.time()
-        experiment = EXPERIMENTS[number]
-        results[experiment.name] = run_experiment(
-            number, experiment.setup(), device.type, records_dir, log, rounding=collect_from,
-            train=collect_from is None, run=run)
-        walls[experiment.name] = run["taken"][experiment.name] = time.time() - t0
+    with run_workers(experiments, device.type) as workers:
+        for number in experiments:
+            t0 = time.time()
+            experiment = EXPERIMENTS[number]
+            results[experiment.name] = run_experiment(
+                number, experiment.setup(), device.type, records_dir, log,
+                rounding=collect_from, train=collect_from is None, run=run, workers=workers)
+            walls[experiment.name] = run["taken"][experiment.name] = time.time() - t0
     walls["total"] = time.time() - start
     json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
     save_json(json_path, results)
@@ -3222,15 +3265,17 @@ def run_shard(experiments, out_dir, device, shard, log=print):
     for (experiment, group), shard_index in zip(groups, owner):
         if shard_index == index:
             mine.setdefault(experiment, set()).add(_group_id(group))
-    for number in experiments:
-        experiment = EXPERIMENTS[number].name
-        if experiment in mine:
-            start = time.time()
-            setup = EXPERIMENTS[number].setup()
-            runs = ModelRuns(experiment, experiment_data(device), records_dir, log, run=run)
-            runs.run_many(setup["specs"], setup["measure"],
-                          select=lambda group: _group_id(group) in mine[experiment])
-            run["taken"][experiment] = time.time() - start
+    with run_workers(experiments, device.type) as workers:
+        for number in experiments:
+            experiment = EXPERIMENTS[number].name
+            if experiment in mine:
+                start = time.time()
+                setup = EXPERIMENTS[number].setup()
+                runs = ModelRuns(experiment, experiment_data(device), records_dir, log,
+                                 run=run, workers=workers)
+                runs.run_many(setup["specs"], setup["measure"],
+                              select=lambda group: _group_id(group) in mine[experiment])
+                run["taken"][experiment] = time.time() - start
     return sum(len(group) for (_, group), o in zip(groups, owner) if o == index)
 
 

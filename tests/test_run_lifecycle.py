@@ -9,7 +9,9 @@ import sys
 import time
 
 import pytest
+import torch
 
+import neural_collapse_cka as ncc
 from conftest import NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, numbers_only, saved_records
 
 # Exp 1 alone, its groups pairs of 15 epochs, so that a signal can land between groups
@@ -255,3 +257,27 @@ def test_a_worker_killed_in_training_ends_the_run_with_one_line(own_group):
     while _group_members(proc.pid) and time.time() < deadline:
         time.sleep(0.1)
     assert not _group_members(proc.pid)
+
+
+def test_one_set_of_workers_serves_every_experiment_of_a_run(tiny, monkeypatch):
+    started = []
+
+    class CountedWorkers(ncc.Workers):
+        def __init__(self, count, *args):
+            started.append(count)
+            super().__init__(count, *args)
+
+    monkeypatch.setattr(ncc, "Workers", CountedWorkers)
+    saved = ncc.hyperparameters()
+    try:
+        # smoke's Exp 1 and Exp 4 each train two groups, so each needs workers
+        ncc.apply_settings({**ncc.PRESETS["smoke"], "WORKERS": 2})
+        groups = ncc.study_groups([1, 4], "cpu")
+        assert [name for name, _ in groups].count("exp1") >= 2
+        assert [name for name, _ in groups].count("exp4") >= 2
+        lines = []
+        ncc.run_study([1, 4], str(tiny / "out"), torch.device("cpu"), "smoke", lines.append)
+    finally:
+        ncc.apply_settings(saved)
+    assert started == [2]  # one start of two workers, not one per experiment
+    assert sum(" done" in line for line in lines) == 16 + 5
