@@ -50,6 +50,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import platform
 import shlex
 import signal
@@ -2742,9 +2743,11 @@ class Workers:
     otherwise (out of memory, say) raises WorkerError. Leaving the `with` block ends every
     worker within seconds, whatever it was doing.
 
-    Every worker applies `settings` (the hyperparameters) before its first call. `shared`,
-    when given (shared memory, which cannot travel through a pipe), is handed to every
-    call as its first argument."""
+    Calls and results travel as plain pickles, tensors by value: multiprocessing's own
+    pickler would hand tensors over as shared memory, through a helper thread that a stop
+    landing mid-handshake left printing a traceback. Every worker applies `settings` (the
+    hyperparameters) before its first call. `shared`, when given (shared memory, which
+    cannot travel through a pipe), is handed to every call as its first argument."""
 
     def __init__(self, count, settings, shared=None):
         import multiprocessing
@@ -2781,7 +2784,7 @@ class Workers:
                 if waiting and w not in busy:
                     busy[w], call = waiting.pop()
                     try:
-                        self.pipes[w].send(call)
+                        self.pipes[w].send_bytes(pickle.dumps(call))
                     except OSError:  # the worker has ended
                         self._lost(w)
             ready = set(wait([self.pipes[w] for w in busy] +
@@ -2792,7 +2795,7 @@ class Workers:
                 if self.pipes[w] not in ready and self.processes[w].sentinel not in ready:
                     continue
                 try:
-                    ok, value = self.pipes[w].recv()
+                    ok, value = pickle.loads(self.pipes[w].recv_bytes())
                 except (EOFError, OSError):
                     self._lost(w)
                 if not ok:
@@ -2865,7 +2868,7 @@ def _worker_main(pipe, settings, shared):
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     while True:
         try:
-            function, args = pipe.recv()
+            function, args = pickle.loads(pipe.recv_bytes())
         except EOFError:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already; nothing to undo
             return
@@ -2874,7 +2877,7 @@ def _worker_main(pipe, settings, shared):
         except Exception:
             import traceback
             reply = (False, "in a worker process:\n" + traceback.format_exc())
-        pipe.send(reply)
+        pipe.send_bytes(pickle.dumps(reply))
 
 
 def _exit_on_sigterm(signum, frame):
@@ -3061,16 +3064,18 @@ def schedule_seconds(seconds, workers):
 
 def study_estimate(groups, seconds, device, first_use):
     """{experiment: estimated wall seconds}: each experiment's groups, longest first by
-    cost as a run takes them, over this device's workers; an experiment that starts worker
-    processes pays their start-up (importing torch, then their first use of it)."""
+    cost as a run takes them, over this device's workers; the first experiment that needs
+    worker processes pays their start-up (importing torch, then their first use of it),
+    and the later ones share them (RunWorkers)."""
     workers = worker_count(device.type)
-    walls = {}
+    walls, started = {}, False
     for experiment in dict.fromkeys(name for name, _ in groups):
         mine = sorted(((group_cost(g), t) for (name, g), t in zip(groups, seconds)
                        if name == experiment), key=lambda pair: -pair[0])
         pool = workers > 1 and sum(t > 0 for _, t in mine) > 1  # finished groups take 0 s
         walls[experiment] = (schedule_seconds([t for _, t in mine], workers)
-                             + (_IMPORT_SECONDS + first_use if pool else 0.0))
+                             + (_IMPORT_SECONDS + first_use if pool and not started else 0.0))
+        started = started or pool
     return walls
 
 
