@@ -193,8 +193,11 @@ def own_group(tmp_path, data_dir):
     so that a failing test leaves nothing running)."""
     cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *TWO_WORKERS,
            "--out", str(tmp_path)]
+    # Ctrl-C's default action, as in a terminal: a shell's background job (`cmd &` in a
+    # script, as CI may be run) starts with SIGINT ignored, and its children inherit that
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     yield proc
     try:
         os.killpg(proc.pid, signal.SIGKILL)
