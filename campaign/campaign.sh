@@ -12,6 +12,10 @@
 # to the script never mix into its numbers; its records, snapshots, log and (once done)
 # results JSON and figures are under campaign/<name>/. A stopped part resumes from its
 # records and from the snapshot of the group it was training.
+#
+# While a part runs, it holds campaign/<name>/log.txt open: a `git stash`, `checkout` or
+# `reset` that rewrites that file leaves the run writing into the old, deleted one (its
+# lines are then only in /proc/<pid>/fd/1 until it ends). Commit after `stop`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 trees=${CAMPAIGN_TREES:-/tmp/ncc-campaign}
