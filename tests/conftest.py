@@ -55,6 +55,21 @@ def cli(*args, data_dir, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
+def refused(capsys, *args, data_dir):
+    """(exit code, stderr lines) of `main(args)` called in this process, for input the
+    command line must refuse before it trains or writes anything: the same parser and
+    checks as a subprocess, without a second of start-up per case. Each refusal test
+    module also runs one such case as a subprocess, as a user meets it."""
+    capsys.readouterr()
+    formatwarning = ncc.warnings.formatwarning  # main makes warnings one line
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            ncc.main(["--set", f"DATA_DIR={data_dir}", *args])
+    finally:
+        ncc.warnings.formatwarning = formatwarning
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
 def numbers_only(results):
     """The results without wall times, so two runs can be compared number for number."""
     results = json.loads(json.dumps(results))

@@ -11,14 +11,13 @@ import pytest
 
 from conftest import NAME, ROOT, cli, numbers_only
 
-# Widths 4 and 64 form two fused groups on a CPU, so worker processes start.
-SETTINGS = ["--preset", "smoke", "--experiments", "1", "--set", "WIDTHS=[4, 64]",
-            "--set", "EPOCHS_MODEL_WISE=3", "--set", "MODEL_WISE_POINTS=2"]
+# Smoke's Exp 1 trains in two fused groups on a CPU (CNN and ResNet), so worker processes
+# start.
+SETTINGS = ["--preset", "smoke", "--experiments", "1", "--set", "REPLICATES=1"]
 
 CALL = """import json, sys
 import neural_collapse_cka as ncc
-ncc.apply_settings({**ncc.PRESETS["smoke"], "WIDTHS": [4, 64], "EPOCHS_MODEL_WISE": 3,
-                    "MODEL_WISE_POINTS": 2, "DATA_DIR": %r})
+ncc.apply_settings({**ncc.PRESETS["smoke"], "REPLICATES": 1, "DATA_DIR": %r})
 r = ncc.run_model_wise_complete(log=None)
 print("RESULT " + json.dumps(r))
 """

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import neural_collapse_cka as ncc
-from conftest import NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, model_table, numbers_only
+from conftest import NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, model_table, numbers_only, refused
 
 SMOKE = ["--preset", "smoke"]
 SLOW = SLOW_SMOKE
@@ -210,11 +210,19 @@ def _split(args, count):
                                                      "--plot-only"),
     (["--collect", "--plan"], "--collect"), (["--plot-only", "x.json", "--collect"], "--plot-only"),
 ])
-def test_bad_shard_values_and_combinations_are_one_line_exit_2(tmp_path, data_dir, args, named):
+def test_bad_shard_values_and_combinations_are_one_line_exit_2(tmp_path, data_dir, capsys,
+                                                               args, named):
     out = tmp_path / "out"
-    result = cli(*SMOKE, "--out", str(out), *args, data_dir=data_dir)
+    code, lines = refused(capsys, *SMOKE, "--out", str(out), *args, data_dir=data_dir)
+    assert code == 2 and len(lines) == 1 and named in lines[0]
+    assert not out.exists()
+
+
+def test_a_bad_shard_as_a_user_meets_it_is_one_line_exit_2(tmp_path, data_dir):
+    out = tmp_path / "out"
+    result = cli(*SMOKE, "--out", str(out), "--shard", "3/3", data_dir=data_dir)
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "--shard" in result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists()
 
