@@ -14,6 +14,20 @@ NAME = "neural_collapse_cka_results"
 import neural_collapse_cka as ncc  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long(seconds): an end-to-end test that takes about "
+                            "`seconds` on a 2-core machine; the longest start first")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests first: with the suite spread over processes (pytest -n), each then
+    runs beside the short ones instead of alone at the end."""
+    def seconds(item):
+        mark = item.get_closest_marker("long")
+        return mark.args[0] if mark else 0
+    items.sort(key=seconds, reverse=True)
+
+
 @pytest.fixture(autouse=True)
 def settings_left_as_found():
     """A test that changes a hyperparameter must restore it: later tests read them."""

@@ -210,6 +210,7 @@ def test_help_documents_every_flag(data_dir):
         assert flag in result.stdout
 
 
+@pytest.mark.long(30)
 def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir, slow_run):
     args = [*SLOW_SMOKE, "--experiments", "1"]
     out = tmp_path / "killed"

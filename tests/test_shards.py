@@ -63,6 +63,7 @@ def run_smoke_recipe(title, out, data_dir, replacement, timeout=600):
     return result
 
 
+@pytest.mark.long(22)
 def test_readme_background_recipe_three_concurrent_shards_equal_an_unsharded_run(
         tmp_path, data_dir, smoke_reference, smoke_run):
     out = tmp_path / "out"
@@ -97,6 +98,7 @@ def _slurm_reachable():
     return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
 
 
+@pytest.mark.long(30)
 @pytest.mark.skipif(not _slurm_reachable(), reason="no SLURM here (sbatch not found, or no "
                     "controller answers sinfo); .ci/run starts a single-node one")
 def test_readme_slurm_array_recipe_end_to_end(tmp_path, data_dir, smoke_reference):
@@ -137,6 +139,7 @@ def _epochs_for(seconds, args, data_dir, tmp_path):
     return min(max(round(1000 * seconds / estimate), 1000), 100_000)
 
 
+@pytest.mark.long(120)
 @pytest.mark.skipif(not _slurm_reachable(), reason="no SLURM here (sbatch not found, or no "
                     "controller answers sinfo); .ci/run starts a single-node one")
 def test_slurm_time_limit_recipe_requeues_stopped_tasks_until_they_are_done(
@@ -240,6 +243,7 @@ def test_plan_trains_and_writes_nothing_and_names_every_shard(tmp_path, data_dir
     assert not out.exists() and "[exp" not in result.stdout
 
 
+@pytest.mark.long(40)
 def test_killed_shard_resumes_to_the_numbers_of_an_unsharded_run(tmp_path, data_dir,
                                                                  slow_reference):
     out = tmp_path / "out"
@@ -266,6 +270,7 @@ def test_killed_shard_resumes_to_the_numbers_of_an_unsharded_run(tmp_path, data_
     assert results_of(out) == slow_reference
 
 
+@pytest.mark.long(28)
 def test_corrupt_record_json_and_weights_are_warned_about_and_retrained(
         tmp_path, data_dir, smoke_reference):
     out = tmp_path / "out"
