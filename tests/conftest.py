@@ -129,6 +129,12 @@ def smoke_run(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="session")
+def exp3_run(tmp_path_factory, data_dir):
+    """The same for a smoke run of Exp 3 alone (tests that change its folder copy it)."""
+    return _run(tmp_path_factory, data_dir, "exp3", ["--preset", "smoke", "--experiments", "3"])
+
+
+@pytest.fixture(scope="session")
 def slow_run(tmp_path_factory, data_dir):
     """The same for SLOW_SMOKE."""
     return _run(tmp_path_factory, data_dir, "slow_smoke", SLOW_SMOKE)

@@ -9,26 +9,21 @@ import sys
 
 import pytest
 
-from conftest import NAME, ROOT, cli, numbers_only
-
-# Smoke's Exp 1 trains in two fused groups on a CPU (CNN and ResNet), so worker processes
-# start.
-SETTINGS = ["--preset", "smoke", "--experiments", "1", "--set", "REPLICATES=1"]
+from conftest import NAME, ROOT, numbers_only
 
 CALL = """import json, sys
 import neural_collapse_cka as ncc
-ncc.apply_settings({**ncc.PRESETS["smoke"], "REPLICATES": 1, "DATA_DIR": %r})
+ncc.apply_settings({**ncc.PRESETS["smoke"], "DATA_DIR": %r})
 r = ncc.run_model_wise_complete(log=None)
 print("RESULT " + json.dumps(r))
 """
 
 
 @pytest.fixture(scope="module")
-def command_line_exp1(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("cli_exp1")
-    result = cli(*SETTINGS, "--out", str(out), data_dir=data_dir)
-    assert result.returncode == 0, result.stderr
-    return numbers_only(json.loads((out / f"{NAME}.json").read_text()))["exp1"]
+def command_line_exp1(smoke_run):
+    """Exp 1 of the command line's smoke run: on a CPU it trains in two fused groups (CNN
+    and ResNet), so the drivers below start worker processes."""
+    return numbers_only(json.loads((smoke_run[0] / f"{NAME}.json").read_text()))["exp1"]
 
 
 def _guarded(code):

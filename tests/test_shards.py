@@ -63,11 +63,18 @@ def run_smoke_recipe(title, out, data_dir, replacement, timeout=600):
     return result
 
 
+@pytest.fixture(scope="module")
+def three_shards(tmp_path_factory, data_dir):
+    """(out folder, completed recipe) of the background-processes recipe, three shards of
+    the smoke preset and their collect."""
+    out = tmp_path_factory.mktemp("three_shards") / "out"
+    return out, run_smoke_recipe("background processes", out, data_dir, ("N=8", "N=3"))
+
+
 @pytest.mark.long(22)
 def test_readme_background_recipe_three_concurrent_shards_equal_an_unsharded_run(
-        tmp_path, data_dir, smoke_reference, smoke_run):
-    out = tmp_path / "out"
-    result = run_smoke_recipe("background processes", out, data_dir, ("N=8", "N=3"))
+        three_shards, smoke_reference, smoke_run):
+    out, result = three_shards
     for i in range(3):
         log = open(f"{out}-shard{i}.log").read().strip().splitlines()
         assert log[0].startswith(f"shard {i}/3:")
@@ -180,17 +187,29 @@ def test_slurm_time_limit_recipe_requeues_stopped_tasks_until_they_are_done(
     assert results_of(out) == results_of(tmp_path / "reference")
 
 
-def test_collect_with_a_shard_not_run_names_it_and_writes_nothing(tmp_path, data_dir):
+def test_collect_with_a_shard_not_run_names_it_and_writes_nothing(tmp_path, data_dir,
+                                                                  three_shards):
+    # the records of shards 0 and 1 of 3, as if shard 2 had never run
     out = tmp_path / "out"
-    for i in (0, 1):
-        shard = cli(*SMOKE, "--out", str(out), "--shard", f"{i}/3", data_dir=data_dir)
-        assert shard.returncode == 0, shard.stderr
+    shutil.copytree(three_shards[0] / "records", out / "records")
+    groups, owner = _split(SMOKE, 3)
+    saved = ncc.hyperparameters()
+    try:
+        ncc.apply_settings(ncc.PRESETS["smoke"])  # the settings that make the keys
+        for (experiment, group), shard in zip(groups, owner):
+            runs = ncc.ModelRuns(experiment, None, str(out / "records"), None,
+                                 ncc.rounding_context("cpu"))
+            for spec in group if shard == 2 else []:
+                for path in runs._paths(spec, group):
+                    os.remove(path)
+    finally:
+        ncc.apply_settings(saved)
     before = sorted(p.name for p in out.rglob("*"))
     result = cli(*SMOKE, "--out", str(out), "--collect", data_dir=data_dir)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
-    owned = [len(g) for (_, g), o in zip(*_split(SMOKE, 3)) if o == 2]
+    owned = [len(g) for (_, g), o in zip(groups, owner) if o == 2]
     assert f"{sum(owned)} of 31 models" in lines[0] and "shard 2 of 3" in lines[0]
     assert sorted(p.name for p in out.rglob("*")) == before  # nothing written
 
@@ -293,9 +312,9 @@ def test_corrupt_record_json_and_weights_are_warned_about_and_retrained(
     assert results["exp3"] == smoke_reference["exp3"]
 
 
-def test_records_of_two_device_types_are_refused_by_collect(tmp_path, data_dir):
+def test_records_of_two_device_types_are_refused_by_collect(tmp_path, data_dir, exp3_run):
     out = tmp_path / "out"
-    assert cli(*SMOKE, "--out", str(out), "--experiments", "3", data_dir=data_dir).returncode == 0
+    shutil.copytree(exp3_run[0], out)
     # one model's record as if a CUDA shard had written it: under the key of a CUDA
     # rounding context, saying so in its "rounding"
     saved = ncc.hyperparameters()
