@@ -176,11 +176,11 @@ def test_plan_comes_first_and_its_estimate_is_within_2x_of_the_run(tmp_path, dat
     assert 0.5 <= estimate / wall <= 2, (estimate, wall)
 
 
-# Exp 2 alone, one model at width 2 and one at 64: once w = 2 is done, its worker idles
-# while w = 64 trains on (the state in which a stop sent to the whole group used to hang)
+# Exp 2 alone, one model at width 2 and one at 128: once w = 2 is done, its worker idles
+# while w = 128 trains on (the state in which a stop sent to the whole group used to hang)
 TWO_WORKERS = ["--preset", "smoke", "--experiments", "2", "--set", "REPLICATES=1",
-               "--set", 'EPOCH_WISE_WIDTHS={"critical": 2, "large": 64}',
-               "--set", "EPOCHS_EPOCH_WISE=300", "--set", "SNAPSHOT_SECONDS=0"]
+               "--set", 'EPOCH_WISE_WIDTHS={"critical": 2, "large": 128}',
+               "--set", "EPOCHS_EPOCH_WISE=100", "--set", "SNAPSHOT_SECONDS=0"]
 
 
 def _group_members(pgid):
@@ -229,7 +229,7 @@ def test_a_stop_sent_to_the_whole_process_group_while_a_worker_idles(tmp_path, o
     assert proc.returncode == (143 if sig == signal.SIGTERM else 130), stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "rerun the same command" in lines[0], stderr
-    assert len(saved_records(records)) == 1  # w = 64 was still training
+    assert len(saved_records(records)) == 1  # w = 128 was still training
     while _group_members(proc.pid) and time.time() < stopped + 15:
         time.sleep(0.1)
     assert not _group_members(proc.pid), "a process outlived the run by 15 s"
@@ -253,7 +253,7 @@ def test_a_worker_killed_in_training_ends_the_run_with_one_line(own_group):
 
     _wait_for(lambda: len(workers()) == 2, proc)
     time.sleep(2)
-    # the first worker started takes the first call, w = 64 (longest first): it trains
+    # the first worker started takes the first call, w = 128 (longest first): it trains
     os.kill(min(workers()), signal.SIGKILL)  # as the kernel's out-of-memory killer does
     stdout, stderr = proc.communicate(timeout=15)
     assert proc.returncode == 1
