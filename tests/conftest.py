@@ -108,9 +108,10 @@ def model_table(out, without=("seconds",)):
                 for row in csv.DictReader(f)]
 
 
-SLOW_SMOKE = ["--preset", "smoke", "--set", "EPOCHS_MODEL_WISE=15", "--set", "CPU_GROUP_WIDTH=4"]
-"""Smoke with Exp 1 longer and its groups pairs (smoke's default fuses all 8 models of an
-architecture), so that a kill or a stop can land between two groups of Exp 1."""
+SLOW_SMOKE = ["--preset", "smoke", "--experiments", "1", "--set", "EPOCHS_MODEL_WISE=15",
+              "--set", "CPU_GROUP_WIDTH=4"]
+"""Smoke's Exp 1 alone, longer and its groups pairs (smoke's default fuses all 8 models of
+an architecture), so that a kill or a stop can land between two of its 8 groups."""
 
 
 @pytest.fixture(scope="session")

@@ -212,7 +212,7 @@ def test_help_documents_every_flag(data_dir):
 
 @pytest.mark.long(30)
 def test_killed_run_resumes_to_the_same_numbers(tmp_path, data_dir, slow_run):
-    args = [*SLOW_SMOKE, "--experiments", "1"]
+    args = SLOW_SMOKE
     out = tmp_path / "killed"
     cmd = [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

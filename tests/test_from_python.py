@@ -21,8 +21,9 @@ print("RESULT " + json.dumps(r))
 
 @pytest.fixture(scope="module")
 def command_line_exp1(smoke_run):
-    """Exp 1 of the command line's smoke run: on a CPU it trains in two fused groups (CNN
-    and ResNet), so the drivers below start worker processes."""
+    """Exp 1 of the command line's smoke run of every experiment (a driver run alone must
+    give the same numbers). On a CPU it trains in two fused groups (CNN and ResNet), so
+    the drivers below start worker processes."""
     return numbers_only(json.loads((smoke_run[0] / f"{NAME}.json").read_text()))["exp1"]
 
 
