@@ -49,8 +49,8 @@ def data_cache(tmp_path_factory):
 @pytest.fixture
 def tiny(monkeypatch, data_cache, tmp_path):
     """Small, fast settings for calling the drivers; the data comes from the shared cache.
-    Groups train in this process (WORKERS=1): starting worker processes costs each seconds
-    of importing torch, so the tests of workers ask for them."""
+    Groups train in this process (WORKERS=1): a worker process spends seconds importing
+    torch as it starts, so only the tests of workers ask for them."""
     monkeypatch.setattr(ncc, "WORKERS", 1)
     monkeypatch.setattr(ncc, "DATA_DIR", str(tmp_path))
     monkeypatch.setattr(ncc, "_cache_path", lambda args: data_cache)
