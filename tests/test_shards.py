@@ -146,7 +146,7 @@ def _epochs_for(seconds, args, data_dir, tmp_path):
     return min(max(round(1000 * seconds / estimate), 1000), 100_000)
 
 
-@pytest.mark.long(120)
+@pytest.mark.long(90)
 @pytest.mark.skipif(not _slurm_reachable(), reason="no SLURM here (sbatch not found, or no "
                     "controller answers sinfo); .ci/run starts a single-node one")
 def test_slurm_time_limit_recipe_requeues_stopped_tasks_until_they_are_done(
@@ -155,11 +155,8 @@ def test_slurm_time_limit_recipe_requeues_stopped_tasks_until_they_are_done(
     # (MINUTES=1, MARGIN=40: `timeout` stops each task well before SLURM's own limit)
     args = ["--preset", "smoke", "--experiments", "2", "--set", "REPLICATES=1",
             "--set", "CPU_GROUP_WIDTH=4", "--set", "SNAPSHOT_SECONDS=5"]
-    args += ["--set", f"EPOCHS_EPOCH_WISE={_epochs_for(30, args, data_dir, tmp_path)}"]
-    reference = subprocess.Popen(  # the unsharded run, beside the SLURM one
-        [sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args,
-         "--out", str(tmp_path / "reference")], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+    epochs = _epochs_for(30, args, data_dir, tmp_path)
+    args += ["--set", f"EPOCHS_EPOCH_WISE={epochs}"]
     out = tmp_path / "out"
     script = readme_recipe("SLURM tasks that outlast the time limit", [
         ("OUT=results", f"OUT={out}"),
@@ -182,9 +179,12 @@ def test_slurm_time_limit_recipe_requeues_stopped_tasks_until_they_are_done(
         assert "stopped by SIGTERM" in log, log
         assert "from the snapshot a stopped run left" in log, log
         assert log.rstrip().splitlines()[-1].startswith(f"shard {i}/2 finished"), log
-    stdout, stderr = reference.communicate(timeout=900)
-    assert reference.returncode == 0, stderr
-    assert results_of(out) == results_of(tmp_path / "reference")
+    # both models trained to the end and collected. That a group resumed from its snapshot
+    # ends with the numbers of one never stopped, the SIGTERM test of a plain run checks
+    # (test_run_lifecycle.py); an unsharded reference here would double the training.
+    rows = [r for r in model_table(out) if r["experiment"] == "exp2"]
+    assert len(rows) == 2 and all(int(r["epochs_run"]) == epochs for r in rows), rows
+    assert set(results_of(out)["exp2"]) >= {"critical", "large"}
 
 
 def test_collect_with_a_shard_not_run_names_it_and_writes_nothing(tmp_path, data_dir,
