@@ -1,4 +1,5 @@
 import csv
+import fcntl
 import json
 import os
 import subprocess
@@ -120,8 +121,21 @@ def data_dir(tmp_path_factory):
 
 
 def _run(tmp_path_factory, data_dir, name, args):
-    out = tmp_path_factory.mktemp(name)
-    result = cli(*args, "--out", str(out), data_dir=data_dir)
+    """(out folder, completed process) of the script run with `args`, once per test
+    session even when pytest -n spreads the tests over processes: the first process to
+    need the run makes it, and the others wait for it (a lock in the folder they share)
+    and read it. Tests that change such a folder change a copy."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above each worker's own
+    out, done = shared / f"run-{name}", shared / f"run-{name}.json"
+    with open(shared / f"run-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            ran = cli(*args, "--out", str(out), data_dir=data_dir)
+            done.write_text(json.dumps({"returncode": ran.returncode, "stdout": ran.stdout,
+                                        "stderr": ran.stderr}))
+    result = subprocess.CompletedProcess(args, **json.loads(done.read_text()))
     assert result.returncode == 0, result.stderr
     return out, result
 
