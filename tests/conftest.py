@@ -115,9 +115,19 @@ SLOW_SMOKE = ["--preset", "smoke", "--experiments", "1", "--set", "EPOCHS_MODEL_
 an architecture), so that a kill or a stop can land between two of its 8 groups."""
 
 
+def _session_folder(tmp_path_factory):
+    """This test session's folder, which every process of pytest -n shares."""
+    folder = tmp_path_factory.getbasetemp()
+    return folder.parent if os.environ.get("PYTEST_XDIST_WORKER") else folder
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cli_data"))
+    """The data folder of every command-line run of the session (the data is part of a
+    results file's settings, so runs that are compared must share it)."""
+    folder = _session_folder(tmp_path_factory) / "cli_data"
+    folder.mkdir(exist_ok=True)
+    return str(folder)
 
 
 def _run(tmp_path_factory, data_dir, name, args):
@@ -125,9 +135,7 @@ def _run(tmp_path_factory, data_dir, name, args):
     session even when pytest -n spreads the tests over processes: the first process to
     need the run makes it, and the others wait for it (a lock in the folder they share)
     and read it. Tests that change such a folder change a copy."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # this session's folder, above each worker's own
+    shared = _session_folder(tmp_path_factory)
     out, done = shared / f"run-{name}", shared / f"run-{name}.json"
     with open(shared / f"run-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
