@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -79,12 +80,12 @@ def refused(capsys, *args, data_dir):
     checks as a subprocess, without a second of start-up per case. Each refusal test
     module also runs one such case as a subprocess, as a user meets it."""
     capsys.readouterr()
-    formatwarning = ncc.warnings.formatwarning  # main makes warnings one line
+    formatwarning = warnings.formatwarning  # main makes warnings one line
     try:
         with pytest.raises(SystemExit) as exit_:
             ncc.main(["--set", f"DATA_DIR={data_dir}", *args])
     finally:
-        ncc.warnings.formatwarning = formatwarning
+        warnings.formatwarning = formatwarning
     return exit_.value.code, capsys.readouterr().err.strip().splitlines()
 
 
