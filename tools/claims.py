@@ -1,0 +1,244 @@
+"""The seed study's claims beside a run's numbers, as the Markdown table the README shows.
+
+    python tools/claims.py results/neural_collapse_cka_results.json [MORE.json ...]
+
+Several files are parts of one study (each holds some of the experiments), as for
+`--plot-only`. Only the results file is read: nothing trains. Each row gives the numbers
+and a verdict by the rule below, so the same results always give the same table.
+
+Rules (test errors are fractions of the 1000 test samples; a rise of 0.02 is 20 samples,
+about twice a test error's binomial standard deviation near 0.15):
+
+- Exp 1, peak at 10^3-10^4 parameters: in each configuration, the largest rise of test
+  error from a width to any wider one (min at width i, max at width j > i). A rise of at
+  least 0.02 is a peak, at the parameter count of width j; the claim holds for a
+  configuration whose peak lies in [1e3, 1e4].
+- Exp 1, SGD beats Adam at large width: at the widest width, SGD's test error is below
+  Adam's by at least 0.02, for each architecture (a smaller difference is a tie).
+- Exp 2, width 12 fluctuates, width 64 learns early and memorises late: the test error
+  curve is smoothed by a running median of three checkpoints; its largest rise (first
+  minimum at epoch a, peak at epoch b > a) is the epoch-wise bump. Width 64 holds if its
+  bump is at least 0.02 and its training error first falls to 0.01 or below (it has
+  memorised the noisy labels) after its first minimum. Width 12 holds if, over the second
+  half of the checkpoints, its test error moves more between neighbouring checkpoints
+  (median absolute change) than width 64's does.
+- Exp 3, NC2 drops to zero at d = 9: NC2 at d = 9 is below 0.1.
+- Exp 4, a CKA value of the seed study: holds within 0.05; else "lower" or "higher".
+"""
+import argparse
+import json
+import math
+import statistics
+import sys
+
+PEAK_RISE = 0.02         # smallest difference of test errors that counts (20 of 1000)
+PEAK_PARAMS = (1e3, 1e4)
+MEMORISED = 0.01         # training error at or below this: the noisy labels are fitted
+NC2_ZERO = 0.1
+CKA_TOLERANCE = 0.05
+# (row label, the seed study's value, where it is in exp4)
+CKA_CLAIMS = [("cross-architecture CKA 0.34 at L3 (4A)", 0.34, ("cross_arch", 3, 3)),
+              ("cross-seed CKA 0.97 at L0 (4C)", 0.97, ("cross_seed", "L0")),
+              ("cross-seed CKA about 0.59 at L2 and L3 (4C)", 0.59, ("cross_seed", "L2", "L3"))]
+
+
+def largest_rise(values):
+    """(i, j) with i < j maximising values[j] - values[i], NaNs skipped; None if no rise."""
+    best, lowest = None, None
+    for j, v in enumerate(values):
+        if math.isnan(v):
+            continue
+        if lowest is not None and (best is None or v - values[lowest] > values[best[1]] - values[best[0]]):
+            best = (lowest, j)
+        if lowest is None or v < values[lowest]:
+            lowest = j
+    if best is None or values[best[1]] <= values[best[0]]:
+        return None
+    return best
+
+
+def running_median3(values):
+    """Each value replaced by the median of itself and its two neighbours; ends kept."""
+    if len(values) < 3:
+        return list(values)
+    return ([values[0]] + [statistics.median(values[i - 1:i + 2]) for i in range(1, len(values) - 1)]
+            + [values[-1]])
+
+
+def _num(x):
+    return float("nan") if x is None else float(x)
+
+
+def _params(n):
+    return f"{n:,}"
+
+
+def exp1_peak_rows(exp1):
+    cells, holds = [], []
+    for name, run in exp1.items():
+        test_err = [_num(x) for x in run["test_err"]]
+        rise = largest_rise(test_err)
+        label = name.replace("_", " ")
+        if rise is None or test_err[rise[1]] - test_err[rise[0]] < PEAK_RISE:
+            cells.append(f"{label}: no peak")
+            holds.append(False)
+            continue
+        i, j = rise
+        params = run["params"][j]
+        cells.append(f"{label}: {test_err[i]:.3f} (w = {run['width'][i]}) → {test_err[j]:.3f} "
+                     f"at w = {run['width'][j]}, {_params(params)} params")
+        holds.append(PEAK_PARAMS[0] <= params <= PEAK_PARAMS[1])
+    return "; ".join(cells), _count(holds)
+
+
+def exp1_sgd_adam_row(exp1):
+    cells, holds = [], []
+    for arch in sorted({name.split("_")[0] for name in exp1}, reverse=True):
+        sgd, adam = exp1.get(f"{arch}_SGD"), exp1.get(f"{arch}_Adam")
+        if sgd is None or adam is None:
+            continue
+        width = sgd["width"][-1]
+        if adam["width"][-1] != width:
+            continue
+        sgd_err, adam_err = _num(sgd["test_err"][-1]), _num(adam["test_err"][-1])
+        tie = " (a tie)" if abs(sgd_err - adam_err) < PEAK_RISE else ""
+        cells.append(f"{arch} w = {width}: SGD {sgd_err:.3f}, Adam {adam_err:.3f}{tie}")
+        holds.append(sgd_err <= adam_err - PEAK_RISE)
+    if not cells:
+        return "needs SGD and Adam at one widest width", "–"
+    return "; ".join(cells), _count(holds)
+
+
+def _count(holds):
+    if all(holds):
+        return "yes"
+    if not any(holds):
+        return "no"
+    return f"in {sum(holds)} of {len(holds)}"
+
+
+def epoch_bump(run):
+    """(first-minimum epoch, its test error, peak epoch, its test error) of the smoothed
+    test error, or None if it never rises."""
+    smooth = running_median3([_num(x) for x in run["test_err"]])
+    rise = largest_rise(smooth)
+    if rise is None:
+        return None
+    i, j = rise
+    return run["epoch"][i], smooth[i], run["epoch"][j], smooth[j]
+
+
+def late_wobble(run):
+    """Median absolute change of test error between neighbouring checkpoints, second half."""
+    test_err = [_num(x) for x in run["test_err"]]
+    late = test_err[len(test_err) // 2:]
+    return statistics.median(abs(b - a) for a, b in zip(late, late[1:]))
+
+
+def exp2_rows(exp2):
+    rows = []
+    large, critical = exp2.get("large"), exp2.get("critical")
+    if large is not None:
+        bump = epoch_bump(large)
+        memorised = next((e for e, t in zip(large["epoch"], large["train_err"])
+                          if _num(t) <= MEMORISED), None)
+        end = f"end {_num(large['test_err'][-1]):.3f} at epoch {large['epoch'][-1]}"
+        fit = ("training error never at or below 0.01" if memorised is None
+               else f"training error ≤ 0.01 from epoch {memorised}")
+        if bump is None:
+            rows.append((f"width {large['width']} learns early and memorises late (Exp 2)",
+                         f"test error never rises; {end}; {fit}", "no"))
+        else:
+            a, low, b, high = bump
+            holds = high - low >= PEAK_RISE and memorised is not None and memorised > a
+            rows.append((f"width {large['width']} learns early and memorises late (Exp 2)",
+                         f"first minimum {low:.3f} at epoch {a}, peak {high:.3f} at epoch {b}, "
+                         f"{end}; {fit}", "yes" if holds else "no"))
+    if critical is not None:
+        wobble = late_wobble(critical)
+        cell = f"median change between checkpoints in the second half {wobble:.3f}"
+        verdict = "–"
+        if large is not None:
+            large_wobble = late_wobble(large)
+            cell += f" (width {large['width']}: {large_wobble:.3f})"
+            verdict = "yes" if wobble > large_wobble else "no"
+        late = [_num(x) for x in critical["test_err"][len(critical["test_err"]) // 2:]]
+        cell += f"; test error {min(late):.3f}–{max(late):.3f} in the second half"
+        rows.append((f"width {critical['width']} fluctuates (Exp 2)", cell, verdict))
+    return rows
+
+
+def exp3_row(exp3):
+    nc2 = dict(zip(exp3["d"], exp3["nc2"]))
+    if 9 not in nc2:
+        return "no model at d = 9", "–"
+    shown = ", ".join(f"{_num(nc2[d]):.2f} at d = {d}" for d in (8, 9, 10, 16) if d in nc2)
+    return shown, "yes" if _num(nc2[9]) < NC2_ZERO else "no"
+
+
+def exp4_rows(exp4):
+    rows = []
+    for label, claimed, where in CKA_CLAIMS:
+        if where[0] == "cross_arch":
+            values, over = [exp4["cross_arch"][where[1]][where[2]]], ""
+        else:
+            layers = where[1:]
+            values = [v for layer in layers for v in exp4["cross_seed"][layer]]
+            over = (f" (mean of {len(values) // len(layers)} seed pairs"
+                    + (f" × {len(layers)} layers)" if len(layers) > 1 else ")"))
+        value = statistics.fmean(_num(v) for v in values)
+        if abs(value - claimed) <= CKA_TOLERANCE:
+            verdict = "yes"
+        else:
+            verdict = "no, lower" if value < claimed else "no, higher"
+        shown = f"{value:.3f}{over}"
+        rows.append((label, shown, verdict))
+    return rows
+
+
+def claims_table(results):
+    """Markdown rows: | claim | this run | holds? |, for the experiments the results hold."""
+    rows = []
+    if "exp1" in results:
+        rows.append(("peak test error at 10³–10⁴ parameters (Exp 1)", *exp1_peak_rows(results["exp1"])))
+        rows.append(("SGD beats Adam at large width (Exp 1)", *exp1_sgd_adam_row(results["exp1"])))
+    if "exp2" in results:
+        rows.extend(exp2_rows(results["exp2"]))
+    if "exp3" in results:
+        rows.append(("NC2 drops to zero at d = 9 (Exp 3)", *exp3_row(results["exp3"])))
+    if "exp4" in results:
+        rows.extend(exp4_rows(results["exp4"]))
+    lines = ["| claim of the seed study | this run | holds? |", "|---|---|---|"]
+    lines += [f"| {claim} | {numbers} | {verdict} |" for claim, numbers, verdict in rows]
+    return "\n".join(lines)
+
+
+def load(paths):
+    merged = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"claims.py: cannot read results file {path}: {e}") from None
+        if not isinstance(part, dict) or not any(k in part for k in ("exp1", "exp2", "exp3", "exp4")):
+            raise SystemExit(f"claims.py: {path} is not a results file "
+                             "(no exp1, exp2, exp3 or exp4 entry)")
+        merged.update({k: v for k, v in part.items() if k.startswith("exp")})
+    return merged
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="results JSON files (parts of one study)")
+    args = p.parse_args(argv)
+    try:
+        print(claims_table(load(args.results)))
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
