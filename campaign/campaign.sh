@@ -25,9 +25,15 @@ mkdir -p "$trees"
 parts() { grep -v '^#' "$root/campaign/pins.txt" | awk 'NF == 3'; }
 pid_of() { cat "$trees/$1.pid" 2>/dev/null || true; }
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
-# CPU time of a run and its worker processes, in hours
-cpu_hours() { ps -eo pid,ppid,times | awk -v p="$1" '$1 == p || $2 == p {s += $3}
-              END {printf "%.2f", s / 3600}'; }
+# CPU time of a run and its worker processes, in hours: the run's own, its live workers',
+# and (cutime + cstime in /proc/<pid>/stat) that of workers which have already exited
+cpu_hours() {
+    local reaped
+    reaped=$(awk -v hz="$(getconf CLK_TCK)" '{sub(/^.*\) /, ""); print ($14 + $15) / hz}' \
+             "/proc/$1/stat" 2>/dev/null || echo 0)
+    ps -eo pid,ppid,times | awk -v p="$1" -v r="$reaped" '$1 == p || $2 == p {s += $3}
+                                  END {printf "%.2f", (s + r) / 3600}'
+}
 
 case "${1:-status}" in
 start)
