@@ -125,12 +125,14 @@ def test_readme_slurm_array_recipe_end_to_end(tmp_path, data_dir, smoke_referenc
 
 
 def _wait_for_job(job, seconds):
-    """`scontrol show job` once the job has left the queue, or can never start."""
+    """`scontrol show job` once the job has left the queue and finished completing (its
+    epilog may still run after squeue drops it), or can never start."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         state = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
                                text=True).stdout
-        if job not in _squeue_ids() or "DependencyNeverSatisfied" in state:
+        if ((job not in _squeue_ids() and "JobState=COMPLETING" not in state)
+                or "DependencyNeverSatisfied" in state):
             return state
         time.sleep(0.5)
     return state
