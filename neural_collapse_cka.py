@@ -2718,6 +2718,16 @@ def _stop_on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _shrugged_off(signum, frame):
+    """The handler of a signal to ignore: a worker's Ctrl-C (it reaches the whole process
+    group; the parent decides), or a second SIGTERM to a process that is ending already,
+    which must not cut its way out short. A Python function rather than SIG_IGN: CPython
+    reports a signal that lands while a handler changes from a Python function to SIG_IGN
+    as a traceback ("OSError: Signal 15 ignored due to race condition"), and a parent that
+    closes its workers' pipes, then sends SIGTERM to those still running, lands one there
+    now and then. Between two Python functions there is no such moment."""
+
+
 def _shared_counters(count):
     """`count` integers in shared memory that workers write and this process reads."""
     import multiprocessing
@@ -2861,7 +2871,7 @@ class RunWorkers:
 
 def _worker_main(pipe, settings, shared):
     """A worker process: runs the calls that come through `pipe` until it closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, _shrugged_off)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     torch.set_num_threads(1)
     apply_settings(settings)
@@ -2870,7 +2880,7 @@ def _worker_main(pipe, settings, shared):
         try:
             function, args = pickle.loads(pipe.recv_bytes())
         except EOFError:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already; nothing to undo
+            signal.signal(signal.SIGTERM, _shrugged_off)  # nothing left to undo
             return
         try:
             reply = (True, function(*args) if shared is None else function(shared, *args))
@@ -2882,7 +2892,7 @@ def _worker_main(pipe, settings, shared):
 
 def _exit_on_sigterm(signum, frame):
     # once: a second SIGTERM (the parent's, after the group's) must not strike the way out
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _shrugged_off)
     sys.exit(128 + signum)  # an exception, so that `finally` blocks run on the way out
 
 
@@ -3707,7 +3717,7 @@ def main(argv=None):
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as stop:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut this short
+        signal.signal(signal.SIGTERM, _shrugged_off)
         how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
         print(f"stopped by {how}: finished models are saved under "
               f"{os.path.join(args.out, 'records')}; rerun the same command to resume",

@@ -40,6 +40,11 @@ start)
     parts | while read -r name commit experiments; do
         pid=$(pid_of "$name")
         if alive "$pid"; then echo "$name: running (pid $pid)"; continue; fi
+        # a finished part's results would be rewritten with the wall time of a rerun
+        # that only reads its records
+        if [ -f "$root/campaign/$name/neural_collapse_cka_results.json" ]; then
+            echo "$name: finished"; continue
+        fi
         tree="$trees/$commit"
         [ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$commit" >/dev/null
         out="$root/campaign/$name"

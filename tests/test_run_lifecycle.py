@@ -128,6 +128,44 @@ def test_a_stop_while_a_group_is_stored_waits_for_the_block_then_stops(sig):
         signal.signal(sig, before)
 
 
+SHRUG_OFF_UNDER_FIRE = """
+import os, signal, subprocess, sys
+import neural_collapse_cka as ncc
+caught = []
+signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+sender = subprocess.Popen([sys.executable, "-c", "import os, signal\\nwhile True: "
+                           f"os.kill({os.getpid()}, signal.SIGTERM)"])
+try:
+    for _ in range(100_000):
+        signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+        try:
+            ncc._exit_on_sigterm(signal.SIGTERM, None)  # as the first SIGTERM would
+        except SystemExit:
+            pass
+finally:
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    sender.kill()
+    sender.wait()
+print("caught", len(caught))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_sigterm_that_lands_while_a_worker_ends_prints_no_traceback():
+    """A worker that SIGTERM ends, or whose pipe closes, stops acting on SIGTERM; its parent
+    sends one to every worker still running when it closes them, so one may land while
+    the handler changes. CPython prints "OSError: Signal 15 ignored due to race condition"
+    for one that lands as a handler changes from a Python function to SIG_IGN: here
+    another process sends SIGTERM without pause while the way out is taken 100,000 times,
+    which with SIG_IGN printed that traceback 1 to 22 times in each of three runs (2-core
+    AMD EPYC)."""
+    done = subprocess.run([sys.executable, "-c", SHRUG_OFF_UNDER_FIRE], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr == "", done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) > 0  # the signals did arrive throughout
+
+
 PROGRESS = re.compile(r"^\[exp1\] (ResNet|CNN) .*\(\d+ models\): epoch (\d+) of 40; "
                       r"exp1 ~\d+(s|m\d\ds) left, run ~\d+(s|m\d\ds) left$")
 
