@@ -1867,7 +1867,8 @@ def _plot_exp4(axes, exp4):
 
 def _run_summary(results):
     config, env = results.get("config", {}), results.get("env", {})
-    walls = env.get("wall_seconds", {})
+    # a collect's wall time is that of reading records, not of training the models
+    walls = {} if env.get("collected_from_records") else env.get("wall_seconds", {})
     run = [e.name for e in EXPERIMENTS.values() if results.get(e.name)]
     lines = [f"Preset        {config.get('preset', '?')}",
              f"Device        {env.get('device', '?')}",
@@ -3410,9 +3411,10 @@ def merge_results(parts):
             merged["config"].setdefault(setting, value)
         env = results.get("env", {})
         for setting, value in env.items():
-            if setting != "wall_seconds":
+            if setting not in ("wall_seconds", "collected_from_records"):
                 merged["env"].setdefault(setting, value)
-        merged["env"]["wall_seconds"].update(env.get("wall_seconds", {}))
+        if not env.get("collected_from_records"):  # a collect's wall time is not training's
+            merged["env"]["wall_seconds"].update(env.get("wall_seconds", {}))
         merged["parts"].append({"file": name, "experiments": experiments,
                                 "config": config, "env": env})
     merged["config"]["experiments"] = sorted(int(key[3:]) for key in source)

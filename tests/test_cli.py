@@ -273,3 +273,20 @@ def test_gpu_check_without_cuda_is_one_line_exit_2(tmp_path):
     assert result.returncode == 2 and "CUDA is not available" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "check").exists()
+
+
+def test_a_collects_wall_time_is_not_given_as_training_time():
+    """A collect reads records in seconds: its wall time says nothing of the hours the
+    models trained, so neither its summary nor a merge that includes it shows it."""
+    trained = {"config": {}, "env": {"wall_seconds": {"exp2": 7200.0, "total": 7200.0}},
+               "exp2": {"trained": True}}
+    collected = {"config": {}, "exp1": {"trained": True},
+                 "env": {"wall_seconds": {"exp1": 3.0, "total": 3.0},
+                         "collected_from_records": True}}
+    assert "Wall time     exp2 2h00m" in ncc._run_summary(trained)
+    assert "Wall time" not in ncc._run_summary(collected)
+    merged = ncc.merge_results([("trained.json", trained), ("collected.json", collected)])
+    assert merged["env"]["wall_seconds"] == {"exp2": 7200.0}
+    assert "collected_from_records" not in merged["env"]
+    assert "exp2 2h00m" in ncc._run_summary(merged)
+    assert "exp1 3s" not in ncc._run_summary(merged)
