@@ -97,15 +97,24 @@ collect)
         (cd "$tree" && python neural_collapse_cka.py --preset "$preset" --device cpu \
             --experiments "$experiments" --set PROGRESS_SECONDS=600 \
             --out "$root/campaign/$name" --collect) | tail -n 1
-        # code older than the provenance in every results file did not note its commit
-        python - "$root/campaign/$name/neural_collapse_cka_results.json" "$commit" <<'PY'
-import json, sys
-path, commit = sys.argv[1:]
+        # what the results cannot know: the machines that trained the part (a collect
+        # notes only its own) and their CPU time, from its log; and its commit, which code
+        # older than the provenance in every results file did not note
+        python - "$root/campaign/$name/neural_collapse_cka_results.json" "$commit" \
+            "$root/campaign/$name/log.txt" <<'PY'
+import json, re, sys
+path, commit, log = sys.argv[1:]
 results = json.load(open(path))
 provenance = results["env"].setdefault("provenance", {})
-if not provenance.get("git_commit"):
-    provenance["git_commit"] = commit  # the pinned commit that ran and collected this part
-    json.dump(results, open(path, "w"), indent=1)
+provenance["git_commit"] = provenance.get("git_commit") or commit
+text = open(log).read()
+starts = {}
+for cpu in re.findall(r"^=== .* start: commit \w+, \d+ cores, (.*)$", text, re.M):
+    starts[cpu] = starts.get(cpu, 0) + 1
+results["env"]["campaign"] = {
+    "starts_by_cpu": starts,
+    "cpu_hours": round(sum(map(float, re.findall(r"after ([0-9.]+) CPU-hours", text))), 2)}
+json.dump(results, open(path, "w"), indent=1)
 PY
         files+=("$root/campaign/$name/neural_collapse_cka_results.json")
     done < <(parts)
