@@ -2199,6 +2199,12 @@ def fused_groups(specs, device_type):
     alone; a larger group gains less). Exp 1's groups: widths 2-8 (both optimizers),
     10-12, then each width's SGD and Adam model together.
 
+    On a CPU each replicate's models group among themselves, as they would with
+    REPLICATES = 1: adding replicates never changes the group, and so the numbers, of a
+    model already trained (`record_key`), and REPLICATES = 3 reuses the records of a run
+    with 1. On a GPU, where a step costs mostly its kernel launches, all replicates go
+    together.
+
     The groups depend on the specs and the device type alone, so a resumed run and every
     shard of a sharded one form exactly the groups of an uninterrupted run."""
     if not FUSED:
@@ -2207,7 +2213,8 @@ def fused_groups(specs, device_type):
     by_key = {}
     for spec in specs:
         key = (spec["arch"], spec["epochs"], "d" in spec, tuple(spec.get("checkpoints", ())))
-        by_key.setdefault(key if cpu else key + (spec["optimizer"],), []).append(spec)
+        key += (spec.get("replicate", 0),) if cpu else (spec["optimizer"],)
+        by_key.setdefault(key, []).append(spec)
     if not cpu:
         return list(by_key.values())
     groups = []

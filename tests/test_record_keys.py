@@ -53,7 +53,7 @@ def test_every_model_of_the_study_has_its_own_key():
     ("SNAPSHOT_SECONDS", 1.0, []),
     ("DATA_DIR", "/elsewhere", []),
     ("FIGURE_DPI", 300, []),
-    ("REPLICATES", 1, []),                   # adds models, changes none
+    ("REPLICATES", 3, []),                   # adds models, changes none (on a CPU)
 ])
 def test_a_setting_changes_the_keys_of_the_models_it_can_change_and_no_others(
         monkeypatch, name, value, experiments):

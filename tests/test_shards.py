@@ -256,11 +256,11 @@ def test_plan_trains_and_writes_nothing_and_names_every_shard(tmp_path, data_dir
     result = cli(*SMOKE, "--out", str(out), "--plan", "--shard", "0/3", data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("plan: 31 models in 6 groups")
+    assert lines[0].startswith("plan: 31 models in 10 groups")
     assert any("critical path" in line for line in lines)
     assert [line.split(":")[0].strip() for line in lines if "shard" in line
             and line.strip().startswith("shard")] == ["shard 0/3", "shard 1/3", "shard 2/3"]
-    assert len([line for line in lines if "cost" in line and "exp" in line]) == 6
+    assert len([line for line in lines if "cost" in line and "exp" in line]) == 10
     assert not out.exists() and "[exp" not in result.stdout
 
 
@@ -305,8 +305,9 @@ def test_corrupt_record_json_and_weights_are_warned_about_and_retrained(
     assert len(warnings) == 2 and all(w.startswith("warning: record ") for w in warnings)
     assert json_path.name in warnings[0] and weights_path.stem in warnings[1]
     assert "Traceback" not in again.stderr
-    # the CNN group of Exp 1 is read back; ResNet's (8 models) and Exp 3's (6) retrain
-    assert again.stdout.count("(cached)") == 8
+    # the damaged groups retrain (4 models of Exp 1, one replicate's 3 of Exp 3); the other
+    # three groups of Exp 1 (12 models) and Exp 3's other replicate (3) are read back
+    assert again.stdout.count("(cached)") == 15
     results = results_of(out)
     assert results["exp1"] == smoke_reference["exp1"]
     assert results["exp3"] == smoke_reference["exp3"]
@@ -324,9 +325,11 @@ def test_records_of_two_device_types_are_refused_by_collect(tmp_path, data_dir, 
         runs = {device: ncc.ModelRuns("exp3", None, str(out / "records"), None,
                                       ncc.rounding_context(device))
                 for device in ("cpu", "cuda")}
-        group = runs["cpu"].groups(specs)[0]
+        # the first model, in the group each device type trains it in
         (cpu_json, cpu_weights), (cuda_json, cuda_weights) = (
-            runs[device]._paths(group[0], group) for device in ("cpu", "cuda"))
+            runs[device]._paths(specs[0], next(g for g in runs[device].groups(specs)
+                                               if specs[0] in g))
+            for device in ("cpu", "cuda"))
         record = json.loads(open(cpu_json).read())
         assert record["rounding"] == runs["cpu"].rounding
         record["rounding"] = runs["cuda"].rounding
