@@ -7,8 +7,8 @@
 #   bash campaign/campaign.sh collect  # once all are done: docs/full/, the paper-scale
 #                                      # results JSON and figures, from committed records
 #
-# Each line of campaign/pins.txt is one part: a name, the commit whose code runs it, and
-# its experiments. A part always runs from a git worktree at its commit, so later changes
+# Each line of campaign/pins.txt is one part: a name, the commit whose code runs it, its
+# experiments and the settings (--set NAME=VALUE) it runs with, if any. A part always runs from a git worktree at its commit, so later changes
 # to the script never mix into its numbers; its records, snapshots, log and (once done)
 # results JSON and figures are under campaign/<name>/. A stopped part resumes from its
 # records and from the snapshot of the group it was training.
@@ -22,7 +22,9 @@ trees=${CAMPAIGN_TREES:-/tmp/ncc-campaign}
 preset=${CAMPAIGN_PRESET:-full}  # another preset only to try this script out quickly
 mkdir -p "$trees"
 
-parts() { grep -v '^#' "$root/campaign/pins.txt" | awk 'NF == 3'; }
+parts() { grep -v '^#' "$root/campaign/pins.txt" | awk 'NF >= 3'; }
+# the --set arguments of a part's settings ("REPLICATES=3 ..." -> --set REPLICATES=3 ...)
+sets() { local s; for s in $1; do printf -- '--set\n%s\n' "$s"; done; }
 pid_of() { cat "$trees/$1.pid" 2>/dev/null || true; }
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 # CPU time of a run and its worker processes, in hours: the run's own, its live workers',
@@ -37,7 +39,7 @@ cpu_hours() {
 
 case "${1:-status}" in
 start)
-    parts | while read -r name commit experiments; do
+    parts | while read -r name commit experiments settings; do
         pid=$(pid_of "$name")
         if alive "$pid"; then echo "$name: running (pid $pid)"; continue; fi
         # a finished part's results would be rewritten with the wall time of a rerun
@@ -53,15 +55,16 @@ start)
             echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC') start: commit $commit," \
                  "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs)"
         } >> "$out/log.txt"
+        mapfile -t extra < <(sets "$settings")
         (cd "$tree" && exec nohup nice -n 19 python neural_collapse_cka.py --preset "$preset" \
             --device cpu --experiments "$experiments" --set PROGRESS_SECONDS=600 \
-            --out "$out" >> "$out/log.txt" 2>&1) &
+            "${extra[@]}" --out "$out" >> "$out/log.txt" 2>&1) &
         echo $! > "$trees/$name.pid"
-        echo "$name: started (pid $!, commit $commit, experiments $experiments)"
+        echo "$name: started (pid $!, commit $commit, experiments $experiments${settings:+, $settings})"
     done
     ;;
 stop)
-    parts | while read -r name commit experiments; do
+    parts | while read -r name commit experiments settings; do
         pid=$(pid_of "$name")
         alive "$pid" || { echo "$name: not running"; continue; }
         cpu=$(cpu_hours "$pid")
@@ -74,7 +77,7 @@ stop)
     done
     ;;
 status)
-    parts | while read -r name commit experiments; do
+    parts | while read -r name commit experiments settings; do
         pid=$(pid_of "$name")
         state=$(alive "$pid" && echo "running (pid $pid)" || echo "not running")
         models=$(find "$root/campaign/$name/records" -name '*.json' ! -name '.*' \
@@ -88,14 +91,27 @@ status)
     done
     ;;
 collect)
-    # Each part's results from its own records by its own commit (record names depend on
-    # the code), then one merged results JSON and its figures, drawn by this checkout.
+    # Each experiment comes from the last part that runs it. Each such part's results from
+    # its own records by its own commit (record names depend on the code), then one merged
+    # results JSON and its figures, drawn by this checkout.
+    declare -A supplier
+    while read -r name commit experiments settings; do
+        for e in ${experiments//,/ }; do supplier[$e]=$name; done
+    done < <(parts)
     files=()
-    while read -r name commit experiments; do
+    merge=$(mktemp -d)
+    trap 'rm -rf "$merge"' EXIT
+    while read -r name commit experiments settings; do
+        supplies=()
+        for e in ${experiments//,/ }; do
+            [ "${supplier[$e]}" = "$name" ] && supplies+=("$e")
+        done
+        [ ${#supplies[@]} -gt 0 ] || continue
         tree="$trees/$commit"
         [ -d "$tree" ] || git -C "$root" worktree add --detach "$tree" "$commit" >/dev/null
+        mapfile -t extra < <(sets "$settings")
         (cd "$tree" && python neural_collapse_cka.py --preset "$preset" --device cpu \
-            --experiments "$experiments" --set PROGRESS_SECONDS=600 \
+            --experiments "$experiments" --set PROGRESS_SECONDS=600 "${extra[@]}" \
             --out "$root/campaign/$name" --collect) | tail -n 1
         # what the results cannot know: the machines that trained the part (a collect
         # notes only its own) and their CPU time, from its log; and its commit, which code
@@ -116,7 +132,22 @@ results["env"]["campaign"] = {
     "cpu_hours": round(sum(map(float, re.findall(r"after ([0-9.]+) CPU-hours", text))), 2)}
 json.dump(results, open(path, "w"), indent=1)
 PY
-        files+=("$root/campaign/$name/neural_collapse_cka_results.json")
+        # the experiments this part supplies, when a later part reruns some of its own
+        part="$root/campaign/$name/neural_collapse_cka_results.json"
+        if [ "${supplies[*]}" != "${experiments//,/ }" ]; then
+            python - "$part" "$merge/$name.json" "${supplies[@]}" <<'PY'
+import json, sys
+path, out, *keep = sys.argv[1:]
+results = json.load(open(path))
+for number in results["config"]["experiments"]:
+    if str(number) not in keep:
+        results.pop(f"exp{number}", None)
+results["config"]["experiments"] = [int(n) for n in keep]
+json.dump(results, open(out, "w"), indent=1)
+PY
+            part="$merge/$name.json"
+        fi
+        files+=("$part")
     done < <(parts)
     python "$root/neural_collapse_cka.py" --plot-only "${files[@]}" --out "$root/docs/full"
     ;;
