@@ -2124,6 +2124,51 @@ def save_json(path, obj):
     write_atomic(path, lambda f: f.write(text.encode()))
 
 
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+
+
+def portable_path(path):
+    """A path as a results file gives it: relative to the repository (this script's folder)
+    when inside it, else only its last part after ".../": an absolute path names one
+    machine's folders, and results files are published and compared across machines."""
+    if not os.path.isabs(path):
+        return path
+    inside = os.path.relpath(path, REPOSITORY)
+    if inside == os.curdir:
+        return "."
+    return (inside if not inside.startswith(os.pardir)
+            else ".../" + os.path.basename(os.path.normpath(path)))
+
+
+def _portable_command(command):
+    tokens = []
+    for token in shlex.split(command):
+        name, sep, value = token.partition("=")
+        if os.path.isabs(token):
+            token = portable_path(token)
+        elif sep and os.path.isabs(value):  # --set DATA_DIR=/...
+            token = f"{name}={portable_path(value)}"
+        tokens.append(token)
+    return shlex.join(tokens)
+
+
+def publishable(results):
+    """`results` as its JSON file holds them: DATA_DIR, the files of merged parts and every
+    command line of its provenance with their paths made portable (`portable_path`)."""
+    if isinstance(results, list):
+        return [publishable(item) for item in results]
+    if not isinstance(results, dict):
+        return results
+    out = {}
+    for key, value in results.items():
+        if key in ("DATA_DIR", "file") and isinstance(value, str):
+            value = portable_path(value)
+        elif key == "command" and isinstance(value, str):
+            value = _portable_command(value)
+        out[key] = publishable(value)
+    return out
+
+
 class WorkCount:
     """Counts the work of one input through `model` by running its architecture's `layers`
     on shapes, (channels, length): the multiply-adds and output values of every
@@ -3214,7 +3259,7 @@ def run_study(experiments, out_dir, device, preset, log=print, env=None, estimat
             walls[experiment.name] = run["taken"][experiment.name] = time.time() - t0
     walls["total"] = time.time() - start
     json_path = os.path.join(out_dir, RESULTS_NAME + ".json")
-    save_json(json_path, results)
+    save_json(json_path, publishable(results))
     table = write_model_table(experiments, records_dir,
                               collect_from or rounding_context(device.type),
                               os.path.join(out_dir, MODELS_NAME + ".csv"))
@@ -3664,7 +3709,7 @@ def _plot_only(paths, out_dir):
                              "files to merge: choose another folder")
         results = merge_results([(p, load_results(p)) for p in paths])
         _writable_dir(out_dir)
-        save_json(merged_path, results)
+        save_json(merged_path, publishable(results))
         written = [merged_path, *draw_figures(results, out_dir)]
     print("wrote " + ", ".join(written))
     return 0
