@@ -221,22 +221,60 @@ def _load_cache(path, shapes):
 
 def write_atomic(path, write):
     """The one writer of files: `write(f)` fills a temporary file beside `path`, which then
-    replaces `path` in one rename, so a reader never sees a half-written file."""
+    replaces `path` in one rename, so a reader never sees a half-written file. The
+    temporary file's name holds this process's id (`remove_stale_temporaries`). An OSError
+    (a full disk, a missing permission) names `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    tmp = None
     with stops_deferred():
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
         try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-",
+                                       suffix=os.path.basename(path))
             with os.fdopen(fd, "wb") as f:
                 write(f)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
             os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
+        except BaseException as e:
+            if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
+            if isinstance(e, OSError) and e.filename is None:  # a write's ENOSPC names nothing
+                raise OSError(e.errno, e.strerror, path) from None
             raise
+
+
+STALE_SECONDS = 3600  # a temporary file without a process id (older code) is stale after this
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files (`write_atomic`) in `folder` whose writer has died: a
+    kill -9 mid-write leaves one. Those of a live process, another run's on the same
+    folder, stay."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(".tmp-")]
+    except OSError:
+        return
+    for name in names:
+        pid = name.split("-")[1]
+        path = os.path.join(folder, name)
+        try:
+            if pid.isdigit():
+                if int(pid) == os.getpid():
+                    continue
+                try:
+                    os.kill(int(pid), 0)
+                    continue  # alive (or another user's, whose files are not ours to touch)
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    continue
+            elif time.time() - os.path.getmtime(path) < STALE_SECONDS:
+                continue
+            os.remove(path)
+        except OSError:
+            pass
 
 
 @contextlib.contextmanager
@@ -1603,8 +1641,13 @@ def cka_setup(epochs=None, small_width=None, large_width=None, width=None, seeds
     seeds = list(CKA_SEEDS if seeds is None else seeds)
     if len(seeds) < 2 or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
         raise ValueError(f"seeds must be a list of at least two integers, got {seeds!r}")
-    drift = sorted({e for e in (CKA_DRIFT_EPOCHS if drift_epochs is None else drift_epochs)
-                    if 1 <= e <= epochs} | {1})
+    drift = list(CKA_DRIFT_EPOCHS if drift_epochs is None else drift_epochs)
+    outside = [e for e in drift if isinstance(e, bool) or not isinstance(e, int)
+               or not 1 <= e <= epochs]
+    if outside:
+        raise ValueError(f"drift epochs {outside} are not epochs of the run; allowed: "
+                         f"integers in 1..{epochs}")
+    drift = sorted(set(drift) | {1})  # epoch 1 is the reference the others are compared with
     estimator = _check_choice("estimator", CKA_ESTIMATOR if estimator is None else estimator,
                               list(CKA_ESTIMATORS))
     conv = _check_choice("conv", CKA_CONV if conv is None else conv, CKA_CONV_MODES)
@@ -2384,6 +2427,114 @@ class NotCollectable(RuntimeError):
     """A collect found a model without a readable record."""
 
 
+def prepare_records(records_dir, experiments):
+    """Before anything trains: each experiment's records folder under `records_dir` made
+    and proven writable (an OSError naming it, else), and the temporary files a killed run
+    left there removed (`remove_stale_temporaries`). `experiments`: names ("exp1")."""
+    for experiment in experiments:
+        folder = os.path.join(records_dir, experiment)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, folder) from None
+        remove_stale_temporaries(folder)
+
+
+class GroupClaims:
+    """The groups this run is training, each claimed by an exclusive lock (flock) on a file
+    beside its snapshot, so that two runs on one records folder never train one group at
+    once: the other leaves it to its holder (`ModelRuns.run_many`). The operating system
+    drops a lock when its holder's process ends, a kill -9 included, so a dead run's
+    groups are free again. Without a records folder (or on a system without flock) every
+    claim succeeds."""
+
+    def __init__(self, runs):
+        self.runs, self.held = runs, {}
+
+    def take(self, group):
+        """Claim `group` (True), or find it claimed by another run (False); never waits."""
+        path = self.runs.lock_path(group)
+        if path is None or path in self.held:
+            return True
+        try:
+            import fcntl
+        except ImportError:
+            return True
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            # a holder removes the file as it lets go (`release`): a lock taken on a file
+            # removed meanwhile claims nothing, so open the path again
+            try:
+                current = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                self.held[path] = fd
+                return True
+            os.close(fd)
+
+    def release(self, group):
+        path = self.runs.lock_path(group)
+        fd = self.held.pop(path, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            os.close(fd)
+
+    def close(self):
+        for path, fd in list(self.held.items()):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            os.close(fd)
+        self.held.clear()
+
+
+# What every model record holds (`fit_group`), all of which the summaries and the model
+# table read; and what each experiment's checkpoint measure adds at every checkpoint.
+RECORD_FIELDS = ["arch", "optimizer", "width", "epochs", "seed", "params", "diverged",
+                 "epochs_run", "train_err", "test_err", "train_loss", "test_loss", "nc_train",
+                 "nc_test", "per_layer", "esd", "checkpoints", "seconds"]
+CHECKPOINT_FIELDS = {"exp1": ["epoch", *LEARNING_CURVE_NAMES], "exp2": ["epoch", *CURVE_NAMES],
+                     "exp4": ["epoch", *LAYERS]}
+
+
+def record_problem(record, experiment, spec):
+    """What keeps `record` from being the finished record of `spec`'s model of `experiment`
+    (a field missing or of another kind), or None. A record written by other means, or cut
+    short by a full disk or a shared file system, can be valid JSON and still hollow."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [name for name in RECORD_FIELDS if name not in record]
+    if missing:
+        return "no " + ", ".join(missing)
+    shapes = [(record["nc_train"], NC_NAMES, "nc_train"), (record["nc_test"], NC_NAMES, "nc_test"),
+              (record["esd"], ["alpha"], "esd"), (record["per_layer"], LAYERS, "per_layer")]
+    if isinstance(record["per_layer"], dict):
+        shapes += [(record["per_layer"].get(layer), LAYER_NC_NAMES, f"per_layer {layer}")
+                   for layer in LAYERS]
+    for part, names, what in shapes:
+        if not isinstance(part, dict) or any(name not in part for name in names):
+            return f"{what} lacks some of {', '.join(names)}"
+    checkpoints = record["checkpoints"]
+    if not isinstance(checkpoints, list) or not all(isinstance(c, dict) for c in checkpoints):
+        return "checkpoints is not a list of measurements"
+    names = CHECKPOINT_FIELDS.get(experiment, ["epoch"]) if spec.get("checkpoints") else []
+    if any(name not in c for c in checkpoints for name in names):
+        return "a checkpoint lacks some of " + ", ".join(names)
+    epochs = [c.get("epoch") for c in checkpoints]
+    expected = list(spec.get("checkpoints", ()))
+    if epochs != expected and not (record["diverged"] and epochs == expected[:len(epochs)]):
+        return "its checkpoint epochs are not its spec's"
+    return None
+
+
 class ModelRuns:
     """The record store of one experiment: trains its models (`fit_group`), or loads their
     records from `records_dir` when an earlier run with the same key finished them; prints
@@ -2425,6 +2576,11 @@ class ModelRuns:
         digest = hashlib.sha256(keys.encode()).hexdigest()[:20]
         return os.path.join(self.records_dir, self.experiment, f"group_{digest}.snapshot")
 
+    def lock_path(self, group):
+        """The file a run training `group` holds locked (`GroupClaims`)."""
+        path = self.snapshot_path(group)
+        return path and path[:-len(".snapshot")] + ".lock"
+
     def groups(self, specs):
         return fused_groups(specs, self.device_type)
 
@@ -2436,9 +2592,11 @@ class ModelRuns:
             for spec in group:
                 try:
                     with open(self._paths(spec, group)[0]) as f:
-                        found[json.dumps(spec, sort_keys=True)] = json.load(f)
+                        record = json.load(f)
                 except (OSError, ValueError, TypeError):
-                    pass
+                    continue
+                if record_problem(record, self.experiment, spec) is None:
+                    found[json.dumps(spec, sort_keys=True)] = record
         return [found.get(json.dumps(spec, sort_keys=True)) for spec in specs]
 
     def load(self, spec, group, keep_model=False):
@@ -2453,8 +2611,9 @@ class ModelRuns:
         try:
             with open(json_path) as f:
                 record = json.load(f)
-            if not isinstance(record, dict) or "diverged" not in record:
-                raise ValueError("not a model record")
+            problem = record_problem(record, self.experiment, spec)
+            if problem:
+                raise ValueError(f"not a finished model's record: {problem}")
             # the weights are checked too: a record without usable weights is no record
             model = self._rebuild(spec, torch.load(weights_path, weights_only=True))
         except Exception as e:
@@ -2491,39 +2650,90 @@ class ModelRuns:
         if todo and not self.train:
             raise NotCollectable(f"{sum(map(len, todo))} models of {self.experiment} have no "
                                  "readable record")
-        for group in todo:
-            self._note_snapshot(group)
+        if todo and self.records_dir:
+            prepare_records(self.records_dir, [self.experiment])
+        for group in todo:  # for the estimates; a snapshot is used once its group is claimed
+            state = load_snapshot(self.snapshot_path(group), quiet=True)
+            if state is not None:
+                self.resumed[self.snapshot_path(group)] = state["training"]["epoch"]
         todo.sort(key=lambda g: -self._cost_to(g))
         self.train_start = self.last_progress = time.time()
         self.todo_cost = sum(self._cost_to(g) for g in todo)
-        # closing: an interruption shuts the worker pool down at once, not at collection
-        with contextlib.closing(self._fit_groups(todo, measure)) as fits:
-            for group, fitted in fits:
-                # a group's models finish together
-                self.trained_cost += self._cost_to(group)
-                with stops_deferred():
-                    for spec, (record, model) in zip(group, fitted):
-                        done[index[json.dumps(spec, sort_keys=True)]] = (
-                            self._store(spec, group, record, model), model)
-                    self._drop_snapshot(group)
+        with contextlib.closing(GroupClaims(self)) as claims:
+            elsewhere = []  # groups another run on this folder is training
+            # closing: an interruption shuts the worker pool down at once, not at collection
+            with contextlib.closing(self._fit_groups(todo, measure, claims)) as fits:
+                for group, fitted in fits:
+                    if fitted is None:
+                        elsewhere.append(group)
+                    else:
+                        self._keep(group, fitted, done, index, claims)
+            if elsewhere:
+                self._await(elsewhere, measure, keep_models, claims, done, index)
         missing = (None, None)
         records = [done.get(i, missing)[0] for i in range(len(specs))]
         return (records, [done.get(i, missing)[1] for i in range(len(specs))]) \
             if keep_models else records
 
-    def _fit_groups(self, groups, measure):
+    def _keep(self, group, fitted, done, index, claims):
+        """Store a trained group's records (its models finish together), then let it go."""
+        self.trained_cost += self._cost_to(group)
+        with stops_deferred():
+            for spec, (record, model) in zip(group, fitted):
+                done[index[json.dumps(spec, sort_keys=True)]] = (
+                    self._store(spec, group, record, model), model)
+            self._drop_snapshot(group)
+            claims.release(group)
+
+    def _await(self, groups, measure, keep_models, claims, done, index):
+        """Wait for the groups another run is training (`GroupClaims`): as each is let go,
+        read its records, or, when its run ended before finishing it, train it here (from
+        the snapshot that run left)."""
+        if self.log is not None:
+            self.log(f"[{self.experiment}] {len(groups)} group(s) are being trained by "
+                     f"another run on {self.records_dir}: "
+                     f"{'; '.join(map(_describe_group, groups))}; waiting for them")
+        waiting = list(groups)
+        while waiting:
+            for group in [g for g in waiting if claims.take(g)]:
+                waiting.remove(group)
+                loaded = [self.load(spec, group, keep_models) for spec in group]
+                if all(item is not None for item in loaded):
+                    for spec, item in zip(group, loaded):
+                        done[index[json.dumps(spec, sort_keys=True)]] = item
+                        self._report(spec, item[0], cached=True)
+                    claims.release(group)
+                    continue
+                for _, fitted in self._fit_groups([group], measure, claims):
+                    self._keep(group, fitted, done, index, claims)
+            if waiting:
+                time.sleep(1.0)
+
+    def _claim(self, claims, group):
+        """Claim `group` for this run (`GroupClaims`); once claimed, say where it resumes."""
+        if claims is not None and not claims.take(group):
+            return False
+        self._note_snapshot(group)
+        return True
+
+    def _fit_groups(self, groups, measure, claims=None):
         """(group, [(record, model), ...]) for every group, in the order given (longest
-        first). On a CPU with two or more workers, every group trains on one thread: in
-        worker processes while two or more are left (two one-thread processes use two
-        cores better than one process on two threads), here when only one is. The thread
-        count changes rounding, so a model's numbers never depend on how many groups a
-        run, a resumed run or a shard has left. Progress lines come from this process:
-        workers write the epoch they are at into shared memory. The worker processes are
-        the run's (`workers`, a RunWorkers), else this call's own."""
+        first), or (group, None) for one that another run has claimed (`GroupClaims`; each
+        is claimed just before it starts). On a CPU with two or more workers, every group
+        trains on one thread: in worker processes while two or more are left (two
+        one-thread processes use two cores better than one process on two threads), here
+        when only one is. The thread count changes rounding, so a model's numbers never
+        depend on how many groups a run, a resumed run or a shard has left. Progress lines
+        come from this process: workers write the epoch they are at into shared memory.
+        The worker processes are the run's (`workers`, a RunWorkers), else this call's
+        own."""
         workers = worker_count(self.data["x_train"].device.type)
         with torch_threads(group_threads(self.device_type) or torch.get_num_threads()):
             if workers < 2 or len(groups) < 2:
                 for i, group in enumerate(groups):
+                    if not self._claim(claims, group):
+                        yield group, None
+                        continue
                     path = self.snapshot_path(group)
                     yield group, fit_group(self.experiment, group, self.data, measure,
                                            self._epoch_counter(i, group),
@@ -2534,14 +2744,18 @@ class ModelRuns:
             shared = self.workers or RunWorkers(min(workers, len(groups)), len(groups))
             with contextlib.nullcontext() if self.workers else shared:
                 pool, epochs_done = shared.start(len(groups))
-                for _, (i, fitted) in pool.map_unordered(
+                for i, result in pool.map_unordered(
                         calls, PROGRESS_SECONDS,
-                        lambda: self._progress(self._training(groups, epochs_done))):
+                        lambda: self._progress(self._training(groups, epochs_done)),
+                        claim=lambda i: self._claim(claims, groups[i])):
                     self.finished.add(i)
+                    if result is None:
+                        yield groups[i], None
+                        continue
                     self.partial_cost = sum(self._cost_to(g, epoch) for g, epoch
                                             in self._training(groups, epochs_done).values())
                     yield groups[i], [(record, self._rebuild(spec, state))
-                                      for spec, (record, state) in zip(groups[i], fitted)]
+                                      for spec, (record, state) in zip(groups[i], result[1])]
 
     def _training(self, groups, epochs_done):
         """{index: (group, epochs done)} of the groups that workers are training now."""
@@ -2649,16 +2863,17 @@ class ModelRuns:
                  f"{self.count} done{'; ' + eta if eta else ''}")
 
 
-def load_snapshot(path):
-    """The state a stopped group saved, or None: none, or unreadable (with a warning; the
-    group then starts over)."""
+def load_snapshot(path, quiet=False):
+    """The state a stopped group saved, or None: none, or unreadable (with a warning unless
+    `quiet`; the group then starts over)."""
     if not path or not os.path.exists(path):
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
-                      "starts over")
+        if not quiet:
+            warnings.warn(f"snapshot {path} is unreadable ({_first_line(e)}); its group "
+                          "starts over")
         return None
 
 
@@ -2836,20 +3051,28 @@ class Workers:
     def __exit__(self, *exc):
         self.close()
 
-    def map_unordered(self, calls, timeout=None, on_wait=None):
+    def map_unordered(self, calls, timeout=None, on_wait=None, claim=None):
         """(index, function(*args)) for each (function, args) in `calls`, in the order
-        they finish; `on_wait()` after every `timeout` seconds that bring no result."""
+        they finish; `on_wait()` after every `timeout` seconds that bring no result.
+        `claim(index)`, when given, is asked just before a call is sent to a worker: a call
+        it declines (False) is not run and comes back as (index, None)."""
         from multiprocessing.connection import wait
         waiting = list(enumerate(calls))[::-1]
         busy = {}  # worker number: index of the call it runs
         while waiting or busy:
             for w in range(len(self.processes)):
-                if waiting and w not in busy:
-                    busy[w], call = waiting.pop()
+                while waiting and w not in busy:
+                    index, call = waiting.pop()
+                    if claim is not None and not claim(index):
+                        yield index, None
+                        continue
+                    busy[w] = index
                     try:
                         self.pipes[w].send_bytes(pickle.dumps(call))
                     except OSError:  # the worker has ended
                         self._lost(w)
+            if not busy:
+                continue
             ready = set(wait([self.pipes[w] for w in busy] +
                              [self.processes[w].sentinel for w in busy], timeout))
             if not ready and on_wait is not None:
@@ -2862,7 +3085,7 @@ class Workers:
                 except (EOFError, OSError):
                     self._lost(w)
                 if not ok:
-                    raise WorkerError(value)
+                    raise value if isinstance(value, BaseException) else WorkerError(value)
                 yield busy.pop(w), value
 
     def _lost(self, w):
@@ -2937,6 +3160,8 @@ def _worker_main(pipe, settings, shared):
             return
         try:
             reply = (True, function(*args) if shared is None else function(shared, *args))
+        except (OSError, MemoryError) as e:  # the machine's failure: the parent says it in one line
+            reply = (False, e)
         except Exception:
             import traceback
             reply = (False, "in a worker process:\n" + traceback.format_exc())
@@ -3249,6 +3474,9 @@ def run_study(experiments, out_dir, device, preset, log=print, env=None, estimat
                "env": {**environment(device), **(env or {})}}
     walls = results["env"]["wall_seconds"] = {}
     start = time.time()
+    if collect_from is None:
+        prepare_records(records_dir, [EXPERIMENTS[n].name for n in experiments])
+        remove_stale_temporaries(out_dir)
     with run_workers(experiments, device.type) as workers:
         for number in experiments:
             t0 = time.time()
@@ -3327,6 +3555,7 @@ def run_shard(experiments, out_dir, device, shard, log=print):
     plan = plan_study(experiments, device, shard, log=log, records_dir=records_dir)
     groups, owner = plan["groups"], plan["owner"]
     run = {"estimates": plan["experiments"], "taken": {}}
+    prepare_records(records_dir, [EXPERIMENTS[n].name for n in experiments])
     save_json(_shard_marker(records_dir, count, experiments),
               {"shards": count, "experiments": experiments})  # tells --collect who owns what
     mine = {}
@@ -3428,12 +3657,17 @@ def collect_study(experiments, out_dir, preset, log=print):
 
 
 def draw_figures(results, out_dir):
-    """The three figures of `results` into `out_dir`; returns their paths."""
+    """The three figures of `results` into `out_dir`; returns their paths. Results that
+    one of them cannot be drawn from (a results file edited by hand) are a ValueError
+    naming it."""
     paths = [os.path.join(out_dir, name + ".png")
              for name in (RESULTS_NAME, LAYERS_NAME, WIDTH_EPOCH_NAME)]
-    plot_results(results, paths[0])
-    plot_layers(results, paths[1])
-    plot_width_epoch(results, paths[2])
+    for plot, path in zip((plot_results, plot_layers, plot_width_epoch), paths):
+        try:
+            plot(results, path)
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+            raise ValueError(f"cannot draw {os.path.basename(path)} from these results "
+                             f"({_first_line(e)})") from None
     return paths
 
 
@@ -3485,7 +3719,32 @@ def load_results(path):
         raise ValueError(f"results file {path!r} is not valid JSON ({e})")
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         raise ValueError(f"{path!r} is not a results file of this script (no 'config' entry)")
+    for experiment in EXPERIMENTS.values():
+        problem = _shape_problem(experiment, results.get(experiment.name))
+        if problem:
+            raise ValueError(f"results file {path!r}: {experiment.name} {problem}")
     return results
+
+
+def _shape_problem(experiment, value):
+    """Why `value` cannot be `experiment`'s results as this script writes them, or None (an
+    experiment not run is None). Its panels are drawn on a figure that is then thrown
+    away: what they read is what a results file must hold."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return f"is a JSON {type(value).__name__}, not an object of results"
+    import matplotlib.pyplot as plt
+    fig, axes = _figure(1, experiment.panels, (4 * experiment.panels, 3))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            experiment.plot(list(np.atleast_1d(axes)), value)
+    except Exception as e:
+        return f"is not in the shape this script writes ({_first_line(e)})"
+    finally:
+        plt.close(fig)
+    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -3498,6 +3757,18 @@ _AT_LEAST_ONE = {"BATCH_SIZE", "EPOCH_WISE_POINTS", "GEN_NC_WIDTH", "CKA_SMALL_W
                  "CPU_GROUP_WIDTH"}
 # String globals and the values they may take.
 _CHOICES = {"CKA_ESTIMATOR": list(CKA_ESTIMATORS), "CKA_CONV": CKA_CONV_MODES}
+# Upper bounds, so that a slip of the keyboard fails here, in one line, and not an hour
+# (or 300 GB) into a run: epochs at most a million (the study's longest run is 15000),
+# widths and d at most 1024 (the widest model is 64), counts of points, replicates and
+# workers at most 10000, 100 and 1024. Bounds that depend on the data (TRAIN_SUBSET,
+# BATCH_SIZE, CKA_SUBSET) and on other settings (CKA_DRIFT_EPOCHS) are `check_study`'s.
+MAX_EPOCHS, MAX_WIDTH = 1_000_000, 1024
+_AT_MOST = {"WIDTHS": MAX_WIDTH, "EPOCH_WISE_WIDTHS": MAX_WIDTH, "GEN_NC_WIDTH": MAX_WIDTH,
+            "CKA_SMALL_WIDTH": MAX_WIDTH, "CKA_LARGE_WIDTH": MAX_WIDTH,
+            "CKA_WIDTH": MAX_WIDTH, "DIMS": MAX_WIDTH, "CKA_DRIFT_EPOCHS": MAX_EPOCHS,
+            "MODEL_WISE_POINTS": 10_000, "EPOCH_WISE_POINTS": 10_000, "REPLICATES": 100,
+            "WORKERS": 1024, "CPU_GROUP_WIDTH": 1_000_000, "FIGURE_DPI": 1200,
+            "SEED": 2**63 - 1, "CKA_SEEDS": 2**63 - 1}
 
 
 def hyperparameters():
@@ -3513,6 +3784,10 @@ def check_setting(name, value):
                          + ", ".join(_HYPERPARAMETER_NAMES))
     default = _DEFAULTS[name]
     low = 1 if name in _AT_LEAST_ONE or name.startswith("EPOCHS_") else 0
+    high = MAX_EPOCHS if name.startswith("EPOCHS_") else _AT_MOST.get(name)
+    # integers with no bound of their own (TRAIN_SUBSET, BATCH_SIZE, CKA_SUBSET) are
+    # bounded by the data in `check_study`; this keeps them within numpy's integers
+    high = 2**63 - 1 if high is None else high
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -3524,8 +3799,9 @@ def check_setting(name, value):
         if not isinstance(value, bool):
             fail("True or False")
     elif default is None or is_int(default):
-        if not (is_int(value) and value >= low) and not (default is None and value is None):
-            fail(f"an integer >= {low}" + (" or None" if default is None else ""))
+        if not (is_int(value) and low <= value <= high) and not (default is None
+                                                                 and value is None):
+            fail(f"an integer in {low}..{high}" + (" or None" if default is None else ""))
     elif isinstance(default, float):
         if not (is_int(value) or isinstance(value, float)) or not np.isfinite(value) or value < 0:
             fail("a finite number >= 0")
@@ -3538,17 +3814,64 @@ def check_setting(name, value):
         value = float(value)
     elif isinstance(default, list):
         if not isinstance(value, list) or not value or not all(
-                is_int(v) and v >= low for v in value):
-            fail(f"a non-empty list of integers >= {low}, like {default}")
+                is_int(v) and low <= v <= high for v in value):
+            fail(f"a non-empty list of integers in {low}..{high}, like {default}")
     elif isinstance(default, dict):
         if not isinstance(value, dict) or not value or not all(
-                isinstance(k, str) and is_int(v) and v >= 1 for k, v in value.items()):
-            fail(f"a non-empty dict of name: width, like {default}")
+                isinstance(k, str) and is_int(v) and 1 <= v <= high for k, v in value.items()):
+            fail(f"a non-empty dict of name: width in 1..{high}, like {default}")
     elif name in _CHOICES and value not in _CHOICES[name]:
         fail("one of " + ", ".join(_CHOICES[name]))
     elif isinstance(default, str) and not isinstance(value, str):
         fail("a string")
     return value
+
+
+def check_study(values):
+    """The checks across settings and against the data, on `values` (every hyperparameter
+    by name): TRAIN_SUBSET within MNIST-1D's training set, BATCH_SIZE and CKA_SUBSET within
+    the training samples the run uses, CKA_DRIFT_EPOCHS within the CKA run. ValueError
+    naming what is allowed."""
+    n_train = _expected_shapes(_mnist1d_args())["y"][0]
+    subset = values["TRAIN_SUBSET"]
+    if subset is not None and subset > n_train:
+        raise ValueError(f"TRAIN_SUBSET={subset} is more than the {n_train} training samples "
+                         f"MNIST-1D has; allowed: 1..{n_train}, or None for all of them")
+    used = subset or n_train
+    for name in ("BATCH_SIZE", "CKA_SUBSET"):
+        if values[name] > used:
+            raise ValueError(f"{name}={values[name]} is more than the {used} training "
+                             f"samples the run uses; allowed: 1..{used}")
+    beyond = [e for e in values["CKA_DRIFT_EPOCHS"] if e > values["EPOCHS_CKA"]]
+    if beyond:
+        raise ValueError(f"CKA_DRIFT_EPOCHS has epochs after the CKA run's last, "
+                         f"EPOCHS_CKA={values['EPOCHS_CKA']}: {beyond}; allowed: epochs in "
+                         f"1..{values['EPOCHS_CKA']}")
+
+
+# Folders of the operating system, which a data cache must not be written into.
+SYSTEM_FOLDERS = ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys",
+                  "/usr"]
+
+
+def check_data_dir(path):
+    """ValueError unless `path` can hold the data cache: not a system folder, and writable
+    (created if missing) unless it already holds the cache."""
+    real = os.path.realpath(path)
+    if real in ("/", "/var", "/run") or any(real == f or real.startswith(f + "/")
+                                             for f in SYSTEM_FOLDERS):
+        raise ValueError(f"DATA_DIR={path!r} is a folder of the operating system; give a "
+                         "folder of your own for the data cache")
+    with contextlib.suppress(OSError):
+        if any(n.startswith("mnist1d_") and n.endswith(".npz") for n in os.listdir(path)):
+            return
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"DATA_DIR={path!r} is not a writable folder ({e.strerror}); the "
+                         "data cache is written there")
 
 
 def parse_setting(text):
@@ -3638,6 +3961,11 @@ def build_parser():
     p.add_argument("--plan", action="store_true",
                    help="print every group, its estimated time on this machine and, with "
                         "--shard I/N, every shard's share; train and write nothing")
+    p.epilog = (f"Exit codes: 0 done; {EXIT_BAD_INPUT} bad input (a value, flag or file), "
+                f"nothing done; {EXIT_MACHINE} the machine failed the run (full disk, "
+                "missing permission, out of memory): what was saved stays, and the same "
+                "command resumes once that is fixed; 1 an error in the code (a traceback); "
+                "130 / 143 stopped by Ctrl-C / SIGTERM, finished models saved.")
     return p
 
 
@@ -3715,11 +4043,39 @@ def _plot_only(paths, out_dir):
     return 0
 
 
+EXIT_BAD_INPUT = 2     # a value, flag or file the script cannot use: nothing was done
+EXIT_MACHINE = 3       # the machine failed the run (a full disk, a missing permission, out
+                       # of memory): what was saved stays, and once it is fixed the same
+                       # command resumes
+
+
+def machine_failure(error, folder=None):
+    """The one line that says how the machine failed the run (`EXIT_MACHINE`): what, and
+    the file it happened to, else the run's `folder`."""
+    if isinstance(error, OSError):
+        where = error.filename or (folder and f"writing under {folder}")
+        where = f" ({where})" if where else ""
+        what = (error.strerror or _first_line(error)).lower()
+    else:  # MemoryError, torch.cuda.OutOfMemoryError
+        where, what = "", f"out of memory ({_first_line(error)})"
+    return (f"{what}{where}; finished models are saved, and once this is fixed the same "
+            "command resumes")
+
+
 def main(argv=None):
     warnings.formatwarning = _one_line_warning  # on the command line, a warning is one line
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(parser, args, argv)
+    except (OSError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        print(f"{parser.prog}: error: {machine_failure(e, args.out)}", file=sys.stderr,
+              flush=True)
+        return EXIT_MACHINE
+
+
+def _main(parser, args, argv):
     try:
         shard = _check_modes(args)
         if args.plot_only:
@@ -3733,8 +4089,10 @@ def main(argv=None):
             settings[name] = value
         for name, value in settings.items():
             check_setting(name, value)
+        check_study({**hyperparameters(), **settings})
         device = resolve_device("cpu" if args.collect else args.device)
         if not args.plan:
+            check_data_dir(settings.get("DATA_DIR", DATA_DIR))
             _writable_dir(args.out)
     except ValueError as e:
         parser.error(str(e))

@@ -91,11 +91,11 @@ def test_exp2_exp3_exp4_drivers_alone(tiny):
     assert exp3["d"] == [2, 9] and len(exp3["nc2"]) == 2
     records = tiny / "records"
     exp4 = ncc.run_cka_experiment(epochs=3, small_width=2, large_width=3, width=2,
-                                  seeds=[1, 2, 3], drift_epochs=[1, 3, 50], log=None,
+                                  seeds=[1, 2, 3], drift_epochs=[1, 3], log=None,
                                   records_dir=str(records))
     assert exp4["layers"] == ["L0", "L1", "L2", "L3"]
     assert np.array(exp4["cross_arch"]).shape == (4, 4)
-    assert exp4["epochs"] == [1, 3]  # drift epochs past the run are dropped
+    assert exp4["epochs"] == [1, 3]
     assert all(v == pytest.approx(1.0) for v in (exp4["drift"][l][0] for l in exp4["layers"]))
     assert exp4["seed_pairs"] == [[1, 2], [1, 3], [2, 3]]
     assert all(len(v) == 3 and all(0 <= c <= 1 for c in v) for v in exp4["cross_seed"].values())
@@ -210,6 +210,7 @@ def test_cpu_groups_fuse_neighbouring_widths_within_the_width_budget(replicates)
     budget = ncc.CPU_GROUP_WIDTH
     for group in groups:
         assert len({s["arch"] for s in group}) == 1
+        assert len({s["replicate"] for s in group}) == 1  # a replicate's models among themselves
         group_widths = [s["width"] for s in group]
         pair = len(group) == 2 and len(set(group_widths)) == 1
         assert pair or len(group) == 1 or len(group) * max(group_widths) <= budget
@@ -218,11 +219,17 @@ def test_cpu_groups_fuse_neighbouring_widths_within_the_width_budget(replicates)
         assert names == sorted(names)
     # maximal: the next group's narrowest model of the architecture would not have fitted
     for group, after in zip(groups, groups[1:]):
-        if group[0]["arch"] == after[0]["arch"]:
+        if (group[0]["arch"], group[0]["replicate"]) == (after[0]["arch"], after[0]["replicate"]):
             width, next_width = max(s["width"] for s in group), min(s["width"] for s in after)
             assert width <= next_width
             assert (len(group) + 1) * next_width > budget
             assert not (len(group) == 1 and width == next_width)  # that would pair up
+    # each replicate's groups are those of a study with that replicate alone
+    for r in range(replicates):
+        alone = [s for s in specs if s["replicate"] == r]
+        assert sorted(map(str, (g for g in groups if g[0]["replicate"] == r))) == sorted(
+            map(str, ncc.ModelRuns("exp1", {"x_train": torch.zeros(4, 40)}, log=None).groups(
+                alone)))
     if replicates == 1:  # the groups the docs name
         resnet = [sorted((s["width"], s["optimizer"]) for s in g) for g in groups
                   if g[0]["arch"] == "ResNet"]

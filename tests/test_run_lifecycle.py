@@ -207,7 +207,7 @@ def test_plan_comes_first_and_its_estimate_is_within_2x_of_the_run(tmp_path, dat
     for attempt in ("a", "b"):
         lines, estimate, wall = _estimate_and_wall(args, data_dir, tmp_path / attempt)
         assert lines[0].startswith("run: preset smoke") and lines[1].startswith("plan: ")
-        assert lines[2].strip().startswith("exp1: 16 models in 2 groups, ~")
+        assert lines[2].strip().startswith("exp1: 16 models in 4 groups, ~")
         if 0.5 <= estimate / wall <= 2:
             break
     assert 0.5 <= estimate / wall <= 2, (estimate, wall)

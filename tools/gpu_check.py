@@ -146,8 +146,12 @@ def check_full_fraction(report, device, out, fraction):
         epochs = max(1, round(full_epochs * fraction))
         for graphs in (False, True):
             folder = f"{out}/full_exp{number}_{'graphs' if graphs else 'eager'}"
+            # Exp 4's drift checkpoints scaled with its epochs: they must lie within the run
+            drift = sorted({max(1, round(e * fraction)) for e in ncc.CKA_DRIFT_EPOCHS})
+            scaled = ["--set", f"CKA_DRIFT_EPOCHS={drift}"] if number == 4 else []
             seconds, done = run(study(folder, device, "--experiments", str(number), "--set",
-                                      f"{name}={epochs}", "--set", f"CUDA_GRAPHS={graphs}"))
+                                      f"{name}={epochs}", "--set", f"CUDA_GRAPHS={graphs}",
+                                      *scaled))
             wall = estimate = None
             if done.returncode == 0:
                 wall = json.load(open(os.path.join(folder, RESULTS)))["env"]["wall_seconds"]
