@@ -310,3 +310,18 @@ fcntl.flock(fd, fcntl.LOCK_EX)
 print("held", flush=True)
 time.sleep(300)
 """
+
+
+def test_the_plans_probe_trains_on_at_most_probe_samples_whatever_the_batch(monkeypatch):
+    seen = []
+    real = ncc.train_models
+
+    def counted(models, data, *args, **kwargs):
+        seen.append(len(data["x_train"]))
+        return real(models, data, *args, **kwargs)
+    monkeypatch.setattr(ncc, "train_models", counted)
+    group = [{"arch": "CNN", "optimizer": "SGD", "width": 2, "epochs": 1}]
+    for batch in (4, 4000):
+        monkeypatch.setattr(ncc, "BATCH_SIZE", batch)
+        assert ncc.probe_step_seconds(group, ncc.torch.device("cpu")) > 0
+    assert seen == [8, ncc.PROBE_SAMPLES]
