@@ -3754,6 +3754,202 @@ def _shape_problem(experiment, value):
         plt.close(fig)
     return None
 
+# ----------------------------------------------------------------------------------------
+# Did a run reproduce the study? `--compare` sets a results file's headline numbers beside
+# those of each seed of a reference run of the same preset.
+# ----------------------------------------------------------------------------------------
+REFERENCES = {"full": os.path.join("docs", "full", RESULTS_NAME + ".json"),
+              "quick": os.path.join("docs", "quick_results.json")}  # in the repository
+# A headline number reproduces the reference when it lies near the mean of the
+# reference's seeds: within COMPARE_SPREAD times their range, or COMPARE_POOLED times the
+# standard deviation of one seed pooled over every number of its experiment and kind (two
+# or three seeds can agree by chance on one number; over dozens they cannot), or its
+# kind's floor, whichever is widest. Another seed of the same code then passes, as the
+# tests check for every seed held out of the others. The floors are what one seed of
+# `quick` against the other needs (measured: test errors 0.03-0.04 apart at one width,
+# peaks one or two widths apart, Exp 2's peak epochs a factor of 3.1 apart): 0.05 for a
+# test error or a CKA value, and for quantities that vary by factors, compared as log10,
+# a factor of 2 for a width, 4 for an epoch and 1.5 for an NC metric.
+COMPARE_SPREAD = 2.0
+COMPARE_POOLED = 4.0
+COMPARE_FLOORS = {"error": 0.05, "cka": 0.05, "width": np.log10(2.0), "epoch": np.log10(4.0),
+                  "nc": np.log10(1.5)}
+_LOG_KINDS = {"width", "epoch", "nc"}
+
+
+def largest_rise(values):
+    """(i, j), i < j, with the largest values[j] - values[i] (NaN skipped), or None when the
+    values never rise: the model-wise and epoch-wise bump."""
+    best, lowest = None, None
+    for j, v in enumerate(values):
+        if not np.isfinite(v):
+            continue
+        if lowest is not None and v > values[lowest] and (
+                best is None or v - values[lowest] > values[best[1]] - values[best[0]]):
+            best = (lowest, j)
+        if lowest is None or v < values[lowest]:
+            lowest = j
+    return best
+
+
+def running_median3(values):
+    """Each value the median of itself and its two neighbours (the ends kept): Exp 2's
+    test error without its single-checkpoint spikes."""
+    if len(values) < 3:
+        return list(values)
+    return [values[0], *(float(np.median(values[i - 1:i + 2]))
+                         for i in range(1, len(values) - 1)), values[-1]]
+
+
+def _floats(values):
+    return [float("nan") if v is None else float(v) for v in values]
+
+
+def _per_seed(replicates):
+    """A list over points of lists over seeds -> a list over seeds of lists over points."""
+    return [_floats(curve) for curve in zip(*replicates)]
+
+
+def headline_numbers(results):
+    """{(experiment, name): (kind, [its value in each seed])} of the numbers a reproduction
+    is judged by: Exp 1's peak (the largest rise of test error over width: the width and
+    test error where it ends, the lowest test error before it) and its test error at the
+    widest width, per configuration; Exp 2's first minimum and peak of its smoothed test
+    error (epoch and value) and its last test error, per width; Exp 3's NC2 at every d;
+    Exp 4's cross-architecture CKA of each layer with itself, its cross-seed CKA (mean of
+    the seed pairs) and its drift at the last epoch, per layer (one value: its seeds are
+    the point of 4C). Kinds: those of COMPARE_FLOORS."""
+    out = {}
+    for name, series in (results.get("exp1") or {}).items():
+        widths = series["width"]
+        for seed, curve in enumerate(_per_seed(series["replicates"]["test_err"])):
+            rise = largest_rise(curve)
+            i, j = rise if rise else (None, None)
+            values = {"peak width": ("width", widths[j] if rise else float("nan")),
+                      "peak test error": ("error", curve[j] if rise else float("nan")),
+                      "lowest test error before the peak": (
+                          "error", curve[i] if rise else float("nan")),
+                      f"test error at w = {widths[-1]}": ("error", curve[-1])}
+            for what, (kind, value) in values.items():
+                out.setdefault(("exp1", f"{name} {what}"), (kind, []))[1].append(value)
+    for name, series in (results.get("exp2") or {}).items():
+        epochs = series["epoch"]
+        for curve in _per_seed(series["replicates"]["test_err"]):
+            smooth = running_median3(curve)
+            rise = largest_rise(smooth)
+            i, j = rise if rise else (None, None)
+            nan = float("nan")
+            values = {"first minimum epoch": ("epoch", epochs[i] if rise else nan),
+                      "first minimum test error": ("error", smooth[i] if rise else nan),
+                      "peak epoch": ("epoch", epochs[j] if rise else nan),
+                      "peak test error": ("error", smooth[j] if rise else nan),
+                      f"test error at epoch {epochs[-1]}": ("error", curve[-1])}
+            for what, (kind, value) in values.items():
+                out.setdefault(("exp2", f"w = {series['width']} {what}"), (kind, []))[1].append(
+                    value)
+    exp3 = results.get("exp3")
+    if exp3:
+        for d, seeds in zip(exp3["d"], exp3["replicates"]["nc2"]):
+            out[("exp3", f"NC2 at d = {d}")] = ("nc", _floats(seeds))
+    exp4 = results.get("exp4")
+    if exp4:
+        for i, layer in enumerate(exp4["layers"]):
+            out[("exp4", f"4A CKA {layer}-{layer}")] = ("cka", _floats([exp4["cross_arch"][i][i]]))
+            out[("exp4", f"4B drift {layer} at the end")] = ("cka", _floats(
+                [exp4["drift"][layer][-1]]))
+            out[("exp4", f"4C cross-seed CKA {layer}")] = ("cka", [float(np.nanmean(
+                _floats(exp4["cross_seed"][layer])))])
+    return out
+
+
+def _scale(kind, value):
+    """The value as compared: log10 for the kinds that vary by factors (NaN if not > 0)."""
+    if kind not in _LOG_KINDS:
+        return value
+    return float(np.log10(value)) if value > 0 else float("nan")
+
+
+def compare_numbers(numbers, reference):
+    """[(experiment, name, in?, line)] for every headline number of `numbers` that
+    `reference` holds too (both as `headline_numbers` gives them): the run's value (its
+    seeds' mean) against the reference seeds' mean, range and the band it must lie in."""
+    scaled = {key: (kind, [v for v in (_scale(kind, x) for x in values) if np.isfinite(v)])
+              for key, (kind, values) in reference.items()}
+    variances = {}
+    for (experiment, _), (kind, values) in scaled.items():
+        if len(values) > 1:
+            variances.setdefault((experiment, kind), []).append(np.var(values, ddof=1))
+    pooled = {group: float(np.sqrt(np.mean(v))) for group, v in variances.items()}
+    rows = []
+    for key, (kind, values) in numbers.items():
+        if key not in reference:
+            continue
+        ref = [v for v in (_scale(kind, x) for x in reference[key][1]) if np.isfinite(v)]
+        own = [v for v in (_scale(kind, x) for x in values) if np.isfinite(v)]
+        # a value some reference seeds lack (no peak at all, say): lacking it is in too
+        lacking_is_in = len(ref) < len(reference[key][1])
+        show = (lambda v: f"{10 ** v:.3g}") if kind in _LOG_KINDS else (lambda v: f"{v:.3f}")
+        if not ref:
+            ok = not own
+            line = f"reference none (no such value), yours {show(np.mean(own)) if own else 'none'}"
+        else:
+            centre, spread = float(np.mean(ref)), max(ref) - min(ref)
+            # (plus a hair: a width twice the reference's must pass despite log10's rounding)
+            tolerance = max(COMPARE_FLOORS[kind], COMPARE_SPREAD * spread,
+                            COMPARE_POOLED * pooled.get((key[0], kind), 0.0)) + 1e-9
+            mine = float(np.mean(own)) if own else float("nan")
+            ok = abs(mine - centre) <= tolerance if own else lacking_is_in
+            seeds = (f" ({show(min(ref))}-{show(max(ref))} over {len(ref)} seeds)"
+                     if len(ref) > 1 else " (1 seed)")
+            if lacking_is_in:
+                seeds += f", none in {len(reference[key][1]) - len(ref)} more"
+            line = (f"reference {show(centre)}{seeds}, yours "
+                    f"{show(mine) if own else 'none'}, allowed {show(centre - tolerance)}-"
+                    f"{show(centre + tolerance)}")
+        rows.append((key[0], key[1], ok, line))
+    return rows
+
+
+def compare_results(path, reference_path=None, log=print):
+    """--compare: each headline number of the results file `path` against the reference
+    of its preset (`REFERENCES`, or `reference_path`), one line each. Returns the exit
+    code: 0 when all are in, 1 when any is out; ValueError (exit 2) when the two cannot be
+    compared: not results files, another preset or other study settings, or experiments
+    the reference lacks."""
+    results = load_results(path)
+    preset = results["config"].get("preset")
+    if reference_path is None:
+        if preset not in REFERENCES:
+            raise ValueError(f"{path!r} is a {preset!r} run, and only {', '.join(REFERENCES)} "
+                             "have a committed reference: give one with --reference FILE")
+        reference_path = os.path.join(REPOSITORY, REFERENCES[preset])
+    reference = load_results(reference_path)
+    if reference["config"].get("preset") != preset:
+        raise ValueError(f"{path!r} is a {preset!r} run but the reference "
+                         f"{portable_path(reference_path)!r} is "
+                         f"{reference['config'].get('preset')!r}: compare runs of one preset")
+    ignored = {*RUN_SETTINGS, "experiments", "REPLICATES"}
+    differ = [name for name, value in results["config"].items()
+              if name not in ignored and name in reference["config"]
+              and reference["config"][name] != value]
+    if differ:
+        raise ValueError(f"{path!r} differs from the reference in {', '.join(differ)}: the "
+                         "numbers of another study cannot be compared")
+    mine = [e.name for e in EXPERIMENTS.values() if results.get(e.name)]
+    lacking = [name for name in mine if not reference.get(name)]
+    if not mine or lacking:
+        raise ValueError(f"{path!r} has " + (f"{', '.join(lacking)}, which the reference "
+                                             f"{portable_path(reference_path)!r} lacks"
+                                             if lacking else "no experiment's results"))
+    rows = compare_numbers(headline_numbers(results), headline_numbers(reference))
+    for experiment, name, ok, line in rows:
+        log(f"{'in ' if ok else 'OUT'} {experiment} {name}: {line}")
+    out = sorted({experiment for experiment, _, ok, _ in rows if not ok})
+    log(f"{len(rows) - sum(not ok for *_, ok, _ in rows)} of {len(rows)} headline numbers "
+        f"within the reference's spread ({portable_path(reference_path)})"
+        + (f"; out: {', '.join(out)}" if out else ""))
+    return 1 if out else 0
+
 
 # ----------------------------------------------------------------------------------------
 # 11. Command line
@@ -3966,6 +4162,14 @@ def build_parser():
     p.add_argument("--collect", action="store_true",
                    help="write the results JSON and figures from the records under --out "
                         "alone, training nothing (after all shards have finished)")
+    p.add_argument("--compare", metavar="FILE",
+                   help="does the results file FILE reproduce the study? Each headline "
+                        "number beside the committed reference of its preset (docs/), in "
+                        "or out of the reference seeds' spread; exit 0 when all are in, 1 "
+                        "when any is out")
+    p.add_argument("--reference", metavar="FILE",
+                   help="with --compare: the results file to compare with, instead of the "
+                        "committed one")
     p.add_argument("--plan", action="store_true",
                    help="print every group, its estimated time on this machine and, with "
                         "--shard I/N, every shard's share; train and write nothing")
@@ -4004,6 +4208,11 @@ def _one_line_warning(message, category, filename, lineno, line=None):
 
 def _check_modes(args):
     """The flags that choose what a run does, and which of them go together."""
+    if args.reference and not args.compare:
+        raise ValueError("--reference names what --compare compares with; give --compare")
+    if args.compare and (args.plot_only or args.shard or args.collect or args.plan):
+        raise ValueError("--compare only reads two results files; it cannot be combined "
+                         "with --plot-only, --shard, --collect or --plan")
     if args.plot_only and (args.shard or args.collect or args.plan):
         raise ValueError("--plot-only only redraws a results file; it cannot be combined "
                          "with --shard, --collect or --plan")
@@ -4086,6 +4295,9 @@ def main(argv=None):
 def _main(parser, args, argv):
     try:
         shard = _check_modes(args)
+        if args.compare:
+            return compare_results(args.compare, args.reference,
+                                   log=functools.partial(print, flush=True))
         if args.plot_only:
             return _plot_only(args.plot_only, args.out if "--out" in argv else None)
         experiments = _parse_experiments(args.experiments)

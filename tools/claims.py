@@ -27,9 +27,13 @@ about twice a test error's binomial standard deviation near 0.15):
 """
 import argparse
 import json
-import math
+import os
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the same rise and smoothing as `--compare`'s headline numbers
+from neural_collapse_cka import largest_rise, running_median3  # noqa: E402
 
 PEAK_RISE = 0.02         # smallest difference of test errors that counts (20 of 1000)
 PEAK_PARAMS = (1e3, 1e4)
@@ -40,29 +44,6 @@ CKA_TOLERANCE = 0.05
 CKA_CLAIMS = [("cross-architecture CKA 0.34 at L3 (4A)", 0.34, ("cross_arch", 3, 3)),
               ("cross-seed CKA 0.97 at L0 (4C)", 0.97, ("cross_seed", "L0")),
               ("cross-seed CKA about 0.59 at L2 and L3 (4C)", 0.59, ("cross_seed", "L2", "L3"))]
-
-
-def largest_rise(values):
-    """(i, j) with i < j maximising values[j] - values[i], NaNs skipped; None if no rise."""
-    best, lowest = None, None
-    for j, v in enumerate(values):
-        if math.isnan(v):
-            continue
-        if lowest is not None and (best is None or v - values[lowest] > values[best[1]] - values[best[0]]):
-            best = (lowest, j)
-        if lowest is None or v < values[lowest]:
-            lowest = j
-    if best is None or values[best[1]] <= values[best[0]]:
-        return None
-    return best
-
-
-def running_median3(values):
-    """Each value replaced by the median of itself and its two neighbours; ends kept."""
-    if len(values) < 3:
-        return list(values)
-    return ([values[0]] + [statistics.median(values[i - 1:i + 2]) for i in range(1, len(values) - 1)]
-            + [values[-1]])
 
 
 def _num(x):
