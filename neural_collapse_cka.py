@@ -3716,6 +3716,29 @@ def merge_results(parts):
     return merged
 
 
+def merge_model_tables(paths, parts, out_dir):
+    """The per-model tables beside the results files `paths` (`write_model_table`), their
+    rows of the experiments each part supplies (`merge_results`' "parts"), as one table
+    in `out_dir`; [its path], or [] when a part has no table. Columns an older part lacks
+    are left empty."""
+    import csv
+    import io
+    tables = [os.path.join(os.path.dirname(os.path.abspath(p)), MODELS_NAME + ".csv")
+              for p in paths]
+    if not all(os.path.exists(t) for t in tables):
+        return []
+    text = io.StringIO()
+    writer = csv.DictWriter(text, MODEL_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for table, part in zip(tables, parts):
+        with open(table, newline="") as f:
+            writer.writerows(row for row in csv.DictReader(f)
+                             if row.get("experiment") in part["experiments"])
+    path = os.path.join(out_dir, MODELS_NAME + ".csv")
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+    return [path]
+
+
 def load_results(path):
     """A results JSON written by this script, or ValueError saying what is wrong with it."""
     try:
@@ -4255,7 +4278,8 @@ def _plot_only(paths, out_dir):
         results = merge_results([(p, load_results(p)) for p in paths])
         _writable_dir(out_dir)
         save_json(merged_path, publishable(results))
-        written = [merged_path, *draw_figures(results, out_dir)]
+        written = [merged_path, *merge_model_tables(paths, results["parts"], out_dir),
+                   *draw_figures(results, out_dir)]
     print("wrote " + ", ".join(written))
     return 0
 

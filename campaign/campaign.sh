@@ -93,7 +93,7 @@ status)
 collect)
     # Each experiment comes from the last part that runs it. Each such part's results from
     # its own records by its own commit (record names depend on the code), then one merged
-    # results JSON and its figures, drawn by this checkout.
+    # results JSON, its per-model table and its figures, made by this checkout.
     declare -A supplier
     while read -r name commit experiments settings; do
         for e in ${experiments//,/ }; do supplier[$e]=$name; done
@@ -135,7 +135,11 @@ PY
         # the experiments this part supplies, when a later part reruns some of its own
         part="$root/campaign/$name/neural_collapse_cka_results.json"
         if [ "${supplies[*]}" != "${experiments//,/ }" ]; then
-            python - "$part" "$merge/$name.json" "${supplies[@]}" <<'PY'
+            mkdir -p "$merge/$name"  # the part's model table beside it, for the merge
+            cp "$root/campaign/$name/neural_collapse_cka_models.csv" "$merge/$name/" \
+                2>/dev/null || true
+            python - "$part" "$merge/$name/neural_collapse_cka_results.json" \
+                "${supplies[@]}" <<'PY'
 import json, sys
 path, out, *keep = sys.argv[1:]
 results = json.load(open(path))
@@ -145,7 +149,7 @@ for number in results["config"]["experiments"]:
 results["config"]["experiments"] = [int(n) for n in keep]
 json.dump(results, open(out, "w"), indent=1)
 PY
-            part="$merge/$name.json"
+            part="$merge/$name/neural_collapse_cka_results.json"
         fi
         files+=("$part")
     done < <(parts)

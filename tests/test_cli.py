@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,9 +90,16 @@ def test_plot_only_merges_a_study_run_in_parts(smoke_run, tmp_path, data_dir):
         (tmp_path / name).mkdir()
         parts.append(tmp_path / name / f"{NAME}.json")
         parts[-1].write_text(json.dumps(_part(whole, experiments, **run_only)))
+        # each part's table as the whole run wrote it: the merge takes its part's rows
+        shutil.copy(smoke_run[0] / "neural_collapse_cka_models.csv", tmp_path / name)
     result = cli("--plot-only", *map(str, parts), "--out", str(tmp_path / "merged"),
                  data_dir=data_dir)
     assert result.returncode == 0, result.stderr
+    rows = model_table(tmp_path / "merged", without=())
+    assert [r["experiment"] for r in rows] == ["exp2"] * 4 + ["exp1"] * 16 + ["exp4"] * 5 + [
+        "exp3"] * 6
+    key = lambda row: sorted(row.items())  # noqa: E731
+    assert sorted(rows, key=key) == sorted(model_table(smoke_run[0], without=()), key=key)
     merged = json.loads((tmp_path / "merged" / f"{NAME}.json").read_text())
     for n in (1, 2, 3, 4):
         assert merged[f"exp{n}"] == whole[f"exp{n}"]
