@@ -131,3 +131,20 @@ def test_command_line(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         f"claims.py: {not_results} is not a results file (no exp1, exp2, exp3 or exp4 entry)"]
+
+
+def test_results_of_several_seeds_are_judged_seed_by_seed():
+    exp3 = {"d": [8, 9, 10], "nc2": [1.0, 0.3, 1.0],  # the mean would say "no"
+            "replicates": {"nc2": [[1.0, 1.0, 1.0], [0.05, 0.8, 0.05], [1.0, 1.0, 1.0]]}}
+    widths, params = [2, 4, 8], [100, 2000, 8000]
+    sgd_reps = [[0.5, 0.5, 0.5], [0.1, 0.1, 0.3], [0.3, 0.3, 0.1]]  # seed 2 has no peak
+    series = {"width": widths, "params": params, "test_err": [0.5, 0.17, 0.23],
+              "train_err": [0.0] * 3,
+              "replicates": {"test_err": sgd_reps, "train_err": [[0.0] * 3] * 3}}
+    table = claims.claims_table({"exp1": {"ResNet_SGD": series}, "exp3": exp3})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert rows["NC2 drops to zero at d = 9 (Exp 3)"].endswith("| in 2 of 3 seeds |")
+    assert "replicate 1: 1.00 at d = 8, 0.80 at d = 9" in rows["NC2 drops to zero at d = 9 (Exp 3)"]
+    peak = rows["peak test error at 10³–10⁴ parameters (Exp 1)"]
+    assert peak.endswith("| in 2 of 3 seeds |")  # each seed's own curve: 0.1 -> 0.3 twice
+    assert "replicate 2: ResNet SGD: no peak" in peak

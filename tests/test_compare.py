@@ -1,7 +1,6 @@
 """`--compare`: does a results file reproduce the committed reference of its preset? Each
 headline number in or out of the reference seeds' spread; exit 0, 1, or 2 when the two
 cannot be compared."""
-import itertools
 import json
 import os
 
@@ -126,29 +125,3 @@ def test_an_experiment_the_reference_lacks_or_no_file_is_exit_2(tmp_path, capsys
     done = cli("--compare", str(path), data_dir=data_dir)  # as a user meets it
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "--reference" in done.stderr and "Traceback" not in done.stderr
-
-
-def brute_force_rise(values):
-    """The largest values[j] - values[i] over all i < j with a rise, written out."""
-    pairs = [(values[j] - values[i], i, j) for i, j in itertools.combinations(range(len(values)), 2)
-             if np.isfinite(values[i]) and np.isfinite(values[j]) and values[j] > values[i]]
-    return max(pairs)[0] if pairs else None
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_the_largest_rise_is_the_largest_difference_of_a_later_value(seed):
-    values = list(np.random.default_rng(seed).random(9))
-    if seed % 3 == 0:
-        values[seed % 9] = float("nan")
-    rise = ncc.largest_rise(values)
-    expected = brute_force_rise(values)
-    assert (rise is None) == (expected is None)
-    if rise is not None:
-        i, j = rise
-        assert i < j and values[j] - values[i] == expected
-    assert ncc.largest_rise([3.0, 2.0, 1.0]) is None
-
-
-def test_the_running_median_removes_a_single_spike_and_keeps_the_ends():
-    assert ncc.running_median3([0.1, 0.1, 0.9, 0.1, 0.2]) == [0.1, 0.1, 0.1, 0.2, 0.2]
-    assert ncc.running_median3([0.5, 0.1]) == [0.5, 0.1]
