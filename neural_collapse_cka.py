@@ -1832,9 +1832,15 @@ def _plot_exp2(axes, exp2):
     if not exp2:
         return _not_run(ax, title)
     for (name, series), color in zip(exp2.items(), EPOCH_WISE_COLORS):
+        # each replicate's own curve, thin: their spikes fall at other epochs, which a
+        # mean or a band would smooth into a bump no single model has
+        seeds = _replicates_of(series, "test_err") or []
+        count = len(seeds[0]) if seeds else 1
+        for curve in zip(*seeds) if count > 1 else []:
+            ax.plot(series["epoch"], _values(list(curve)), color=color, lw=0.6, alpha=0.45)
         ax.plot(series["epoch"], _values(series["test_err"]), color=color,
-                label=f"{name} (w={series['width']}) test")
-        _band(ax, series["epoch"], _replicates_of(series, "test_err"), color)
+                label=f"{name} (w={series['width']}) test"
+                      + (f": mean, thin: each of {count} seeds" if count > 1 else ""))
         ax.plot(series["epoch"], _values(series["train_err"]), color=color, ls=":", lw=1,
                 label=f"{name} train")
     ax.set_xscale("log")

@@ -211,3 +211,21 @@ def test_evaluation_in_chunks_equals_one_whole_batch_pass(tiny, monkeypatch):
         assert scores["nc_test"] == pytest.approx(whole["nc_test"], rel=1e-6, nan_ok=True)
         for rep, whole_rep in zip(reps, whole_reps):
             np.testing.assert_allclose(rep, whole_rep, rtol=1e-6, atol=1e-7)
+
+
+def test_exp2_draws_each_replicates_curve_beside_the_mean():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [1, 2, 4]
+    seeds = [[0.5, 0.6, 0.7], [0.3, 0.2, 0.4], [0.1, None, 0.2]]
+    series = {"width": 12, "epoch": epochs, "test_err": [0.6, 0.3, 0.15],
+              "train_err": [0.7, 0.4, 0.1], "replicates": {"test_err": seeds}}
+    fig, ax = plt.subplots()
+    ncc._plot_exp2([ax], {"critical": series})
+    lines = ax.get_lines()
+    assert len(lines) == 3 + 2  # one per replicate, the mean, the training error
+    np.testing.assert_array_equal(np.array([l.get_ydata() for l in lines[:3]], dtype=float),
+                                  [[0.5, 0.3, 0.1], [0.6, 0.2, np.nan], [0.7, 0.4, 0.2]])
+    assert "each of 3 seeds" in lines[3].get_label()
+    plt.close(fig)
