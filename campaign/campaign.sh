@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The paper-scale study on CPUs, run a few hours at a time until it is done.
 #
-#   bash campaign/campaign.sh start    # resume every unfinished part in the background
-#   bash campaign/campaign.sh stop     # SIGTERM, wait for the resume line (commit after)
+#   bash campaign/campaign.sh start [PART ...]  # resume unfinished parts (all, or those
+#                                               # named) in the background
+#   bash campaign/campaign.sh stop [PART ...]   # SIGTERM, wait for the resume line (commit
+#                                               # after)
 #   bash campaign/campaign.sh status   # models finished, CPU time, last lines
 #   bash campaign/campaign.sh collect  # once all are done: docs/full/, the paper-scale
 #                                      # results JSON and figures, from committed records
@@ -22,7 +24,12 @@ trees=${CAMPAIGN_TREES:-/tmp/ncc-campaign}
 preset=${CAMPAIGN_PRESET:-full}  # another preset only to try this script out quickly
 mkdir -p "$trees"
 
-parts() { grep -v '^#' "$root/campaign/pins.txt" | awk 'NF >= 3'; }
+# the parts of pins.txt, or of those the command line names ($chosen)
+parts() {
+    grep -v '^#' "$root/campaign/pins.txt" | awk -v chosen="$chosen" '
+        BEGIN { n = split(chosen, names, " "); for (i = 1; i <= n; i++) want[names[i]] = 1 }
+        NF >= 3 && (n == 0 || $1 in want)'
+}
 # the --set arguments of a part's settings ("REPLICATES=3 ..." -> --set REPLICATES=3 ...)
 sets() { local s; for s in $1; do printf -- '--set\n%s\n' "$s"; done; }
 pid_of() { cat "$trees/$1.pid" 2>/dev/null || true; }
@@ -37,7 +44,14 @@ cpu_hours() {
                                   END {printf "%.2f", (s + r) / 3600}'
 }
 
-case "${1:-status}" in
+# Every part running at once trains as many groups as their workers, and each stop's
+# commit then stores a new snapshot of each (about 1 MB): naming one part to start keeps
+# the repository's growth to its groups' snapshots, at the same speed on a 2-core machine.
+command=${1:-status}
+shift || true
+chosen="$*"
+[ "$command" = collect ] && chosen=""  # collect always takes every part
+case "$command" in
 start)
     parts | while read -r name commit experiments settings; do
         pid=$(pid_of "$name")
