@@ -3161,7 +3161,9 @@ def _worker_main(pipe, settings, shared):
     while True:
         try:
             function, args = pickle.loads(pipe.recv_bytes())
-        except EOFError:
+        except (EOFError, OSError):
+            # the parent has closed the pipe: EOFError, or ConnectionResetError when it
+            # ended (a full disk, say) without reading a result this worker had sent
             signal.signal(signal.SIGTERM, _shrugged_off)  # nothing left to undo
             return
         try:
