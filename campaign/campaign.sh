@@ -7,7 +7,8 @@
 #                                               # after)
 #   bash campaign/campaign.sh status   # models finished, CPU time, last lines
 #   bash campaign/campaign.sh collect  # once all are done: docs/full/, the paper-scale
-#                                      # results JSON and figures, from committed records
+#                                      # results JSON, figures and claims table, from
+#                                      # committed records
 #
 # Each line of campaign/pins.txt is one part: a name, the commit whose code runs it, its
 # experiments and the settings (--set NAME=VALUE) it runs with, if any. A part always runs from a git worktree at its commit, so later changes
@@ -168,6 +169,15 @@ PY
         files+=("$part")
     done < <(parts)
     python "$root/neural_collapse_cka.py" --plot-only "${files[@]}" --out "$root/docs/full"
+    # the claims table seed by seed, in full (the README shows its --brief form)
+    {
+        echo "# The seed study's claims at paper scale, seed by seed"
+        echo
+        echo "Made by \`python tools/claims.py docs/full/neural_collapse_cka_results.json\`;"
+        echo "its rules are in that script's docstring."
+        echo
+        python "$root/tools/claims.py" "$root/docs/full/neural_collapse_cka_results.json"
+    } > "$root/docs/full/claims.md"
     ;;
 *)
     echo "usage: bash campaign/campaign.sh start|stop|status|collect" >&2

@@ -74,6 +74,9 @@ def test_exp1_verdicts():
     assert "ResNet Adam: no peak" in table
     # ResNet: SGD 0.10 against Adam 0.13 holds; CNN: 0.15 against 0.16 is a tie
     assert rows["SGD beats Adam at large width (Exp 1)"] == "in 1 of 2"
+    brief = claims.claims_table({"exp1": exp1}, brief=True)
+    assert "ResNet SGD peak at w = 8 (2.0k); ResNet Adam peak at w = none" in brief
+    assert "ResNet w = 64, Adam − SGD +0.030; CNN w = 64, Adam − SGD +0.010 | in 1 of 2 |" in brief
     exp1["CNN_Adam"]["test_err"][-1] = 0.20
     assert rows_of({"exp1": exp1})["SGD beats Adam at large width (Exp 1)"] == "yes"
 
@@ -124,6 +127,11 @@ def test_command_line(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n| ") == 8  # every claim: Exp 1 twice, Exp 2 twice, 3, 4 thrice
+    brief = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "claims.py"), "--brief",
+                            quick], capture_output=True, text=True)
+    assert brief.returncode == 0, brief.stderr
+    verdicts = [line.rsplit(" | ", 1)[1] for line in done.stdout.splitlines()[2:]]
+    assert [line.rsplit(" | ", 1)[1] for line in brief.stdout.splitlines()[2:]] == verdicts
     not_results = tmp_path / "other.json"
     not_results.write_text(json.dumps({"config": {}}))
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "claims.py"), str(not_results)],
@@ -148,3 +156,11 @@ def test_results_of_several_seeds_are_judged_seed_by_seed():
     peak = rows["peak test error at 10³–10⁴ parameters (Exp 1)"]
     assert peak.endswith("| in 2 of 3 seeds |")  # each seed's own curve: 0.1 -> 0.3 twice
     assert "replicate 2: ResNet SGD: no peak" in peak
+    # the brief table lines each seed's numbers up under one label, with the same verdicts
+    brief = claims.claims_table({"exp1": {"ResNet_SGD": series}, "exp3": exp3}, brief=True)
+    lines = brief.splitlines()
+    assert lines[0] == "| claim of the seed study | seeds 0 / 1 / 2 | holds? |"
+    assert lines[2] == ("| peak test error at 10³–10⁴ parameters (Exp 1) | ResNet SGD peak at "
+                        "w = 8 (8.0k) / 8 (8.0k) / none | in 2 of 3 seeds |")
+    assert lines[-1] == ("| NC2 drops to zero at d = 9 (Exp 3) | NC2 at d = 8: 1.00 / 1.00 / 1.00; "
+                         "NC2 at d = 9: 0.05 / 0.80 / 0.05 | in 2 of 3 seeds |")

@@ -1,6 +1,7 @@
 """The seed study's claims beside a run's numbers, as the Markdown table the README shows.
 
     python tools/claims.py results/neural_collapse_cka_results.json [MORE.json ...]
+    python tools/claims.py --brief RESULTS.json   # only the numbers each verdict rests on
 
 Several files are parts of one study (each holds some of the experiments), as for
 `--plot-only`. Only the results file is read: nothing trains. Each row gives the numbers
@@ -58,8 +59,15 @@ def _params(n):
     return f"{n:,}"
 
 
+def _thousands(n):
+    return f"{n / 1000:.1f}k"
+
+
+# Each row function returns (numbers, verdict, brief): `brief` is the few numbers the
+# verdict rests on, as (label, value) pairs whose labels do not depend on the values, so
+# that the brief table can line several seeds' values up under one label.
 def exp1_peak_rows(exp1):
-    cells, holds = [], []
+    cells, holds, brief = [], [], []
     for name, run in exp1.items():
         test_err = [_num(x) for x in run["test_err"]]
         rise = largest_rise(test_err)
@@ -67,17 +75,19 @@ def exp1_peak_rows(exp1):
         if rise is None or test_err[rise[1]] - test_err[rise[0]] < PEAK_RISE:
             cells.append(f"{label}: no peak")
             holds.append(False)
+            brief.append((f"{label} peak at w =", "none"))
             continue
         i, j = rise
         params = run["params"][j]
         cells.append(f"{label}: {test_err[i]:.3f} (w = {run['width'][i]}) → {test_err[j]:.3f} "
                      f"at w = {run['width'][j]}, {_params(params)} params")
         holds.append(PEAK_PARAMS[0] <= params <= PEAK_PARAMS[1])
-    return "; ".join(cells), _count(holds)
+        brief.append((f"{label} peak at w =", f"{run['width'][j]} ({_thousands(params)})"))
+    return "; ".join(cells), _count(holds), brief
 
 
 def exp1_sgd_adam_row(exp1):
-    cells, holds = [], []
+    cells, holds, brief = [], [], []
     for arch in sorted({name.split("_")[0] for name in exp1}, reverse=True):
         sgd, adam = exp1.get(f"{arch}_SGD"), exp1.get(f"{arch}_Adam")
         if sgd is None or adam is None:
@@ -89,9 +99,10 @@ def exp1_sgd_adam_row(exp1):
         tie = " (a tie)" if abs(sgd_err - adam_err) < PEAK_RISE else ""
         cells.append(f"{arch} w = {width}: SGD {sgd_err:.3f}, Adam {adam_err:.3f}{tie}")
         holds.append(sgd_err <= adam_err - PEAK_RISE)
+        brief.append((f"{arch} w = {width}, Adam − SGD", f"{adam_err - sgd_err:+.3f}"))
     if not cells:
-        return "needs SGD and Adam at one widest width", "–"
-    return "; ".join(cells), _count(holds)
+        return "needs SGD and Adam at one widest width", "–", []
+    return "; ".join(cells), _count(holds), brief
 
 
 def _count(holds):
@@ -130,35 +141,44 @@ def exp2_rows(exp2):
         end = f"end {_num(large['test_err'][-1]):.3f} at epoch {large['epoch'][-1]}"
         fit = ("training error never at or below 0.01" if memorised is None
                else f"training error ≤ 0.01 from epoch {memorised}")
+        claim = f"width {large['width']} learns early and memorises late (Exp 2)"
+        fitted = ("training error ≤ 0.01 from epoch", "never" if memorised is None else str(memorised))
         if bump is None:
-            rows.append((f"width {large['width']} learns early and memorises late (Exp 2)",
-                         f"test error never rises; {end}; {fit}", "no"))
+            rows.append((claim, f"test error never rises; {end}; {fit}", "no",
+                         [("first minimum → peak", "no rise"), fitted]))
         else:
             a, low, b, high = bump
             holds = high - low >= PEAK_RISE and memorised is not None and memorised > a
-            rows.append((f"width {large['width']} learns early and memorises late (Exp 2)",
-                         f"first minimum {low:.3f} at epoch {a}, peak {high:.3f} at epoch {b}, "
-                         f"{end}; {fit}", "yes" if holds else "no"))
+            rows.append((claim, f"first minimum {low:.3f} at epoch {a}, peak {high:.3f} at "
+                         f"epoch {b}, {end}; {fit}", "yes" if holds else "no",
+                         [("first minimum → peak", f"{low:.3f} → {high:.3f} (epoch {a} → {b})"),
+                          fitted]))
     if critical is not None:
         wobble = late_wobble(critical)
         cell = f"median change between checkpoints in the second half {wobble:.3f}"
         verdict = "–"
+        brief = [(f"width {critical['width']}'s median change between checkpoints, second half:",
+                  f"{wobble:.3f}")]
         if large is not None:
             large_wobble = late_wobble(large)
             cell += f" (width {large['width']}: {large_wobble:.3f})"
             verdict = "yes" if wobble > large_wobble else "no"
+            brief = [(f"median change between checkpoints, second half, width "
+                      f"{critical['width']} vs {large['width']}:",
+                      f"{wobble:.3f} vs {large_wobble:.3f}")]
         late = [_num(x) for x in critical["test_err"][len(critical["test_err"]) // 2:]]
         cell += f"; test error {min(late):.3f}–{max(late):.3f} in the second half"
-        rows.append((f"width {critical['width']} fluctuates (Exp 2)", cell, verdict))
+        rows.append((f"width {critical['width']} fluctuates (Exp 2)", cell, verdict, brief))
     return rows
 
 
 def exp3_row(exp3):
     nc2 = dict(zip(exp3["d"], exp3["nc2"]))
     if 9 not in nc2:
-        return "no model at d = 9", "–"
+        return "no model at d = 9", "–", []
     shown = ", ".join(f"{_num(nc2[d]):.2f} at d = {d}" for d in (8, 9, 10, 16) if d in nc2)
-    return shown, "yes" if _num(nc2[9]) < NC2_ZERO else "no"
+    brief = [(f"NC2 at d = {d}:", f"{_num(nc2[d]):.2f}") for d in (8, 9) if d in nc2]
+    return shown, "yes" if _num(nc2[9]) < NC2_ZERO else "no", brief
 
 
 def exp4_rows(exp4):
@@ -177,7 +197,7 @@ def exp4_rows(exp4):
         else:
             verdict = "no, lower" if value < claimed else "no, higher"
         shown = f"{value:.3f}{over}"
-        rows.append((label, shown, verdict))
+        rows.append((label, shown, verdict, [("", shown)]))
     return rows
 
 
@@ -207,35 +227,49 @@ def seed_view(results, seed):
     return view
 
 
-def claims_table(results):
+def claims_table(results, brief=False):
     """Markdown rows: | claim | this run | holds? |, for the experiments the results hold;
-    seed by seed for results of several seeds."""
+    seed by seed for results of several seeds. `brief`: only the numbers each verdict
+    rests on, several seeds' values side by side (v0 / v1 / v2)."""
     seeds = seed_count(results)
     if seeds == 1:
-        return _table(claim_rows(results))
+        return _table([(claim, _brief_cell([values]) if brief else numbers, verdict)
+                       for claim, numbers, verdict, values in claim_rows(results)])
     per_seed = [claim_rows(seed_view(results, s)) for s in range(seeds)]
     rows = []
-    for i, (claim, numbers, verdict) in enumerate(per_seed[0]):
+    for i, (claim, numbers, verdict, values) in enumerate(per_seed[0]):
         if claim.endswith("(4A)") or claim.endswith("(4C)"):
-            rows.append((claim, numbers, verdict))
+            rows.append((claim, _brief_cell([values]) if brief else numbers, verdict))
             continue
         verdicts = [rows_of_seed[i][2] for rows_of_seed in per_seed]
-        cells = "; ".join(f"replicate {s}: {rows_of_seed[i][1]}"
-                          for s, rows_of_seed in enumerate(per_seed))
+        if brief:
+            cells = _brief_cell([rows_of_seed[i][3] for rows_of_seed in per_seed])
+        else:
+            cells = "<br>".join(f"replicate {s}: {rows_of_seed[i][1]}"
+                              for s, rows_of_seed in enumerate(per_seed))
         holds = sum(v == "yes" for v in verdicts)
         detail = "" if set(verdicts) <= {"yes", "no"} else f" ({', '.join(verdicts)})"
         rows.append((claim, cells, f"in {holds} of {seeds} seeds{detail}"))
-    return _table(rows)
+    header = ("seeds " + " / ".join(map(str, range(seeds)))) if brief and seeds > 1 else "this run"
+    return _table(rows, header)
 
 
-def _table(rows):
-    lines = ["| claim of the seed study | this run | holds? |", "|---|---|---|"]
+def _brief_cell(values_per_seed):
+    """'label v0 / v1 / ...; label ...' from each seed's (label, value) pairs."""
+    labels = [label for label, _ in values_per_seed[0]]
+    return "; ".join((label + " " if label else "")
+                     + " / ".join(values[k][1] for values in values_per_seed)
+                     for k, label in enumerate(labels))
+
+
+def _table(rows, header="this run"):
+    lines = [f"| claim of the seed study | {header} | holds? |", "|---|---|---|"]
     lines += [f"| {claim} | {numbers} | {verdict} |" for claim, numbers, verdict in rows]
     return "\n".join(lines)
 
 
 def claim_rows(results):
-    """(claim, numbers, verdict) of each claim the results can judge."""
+    """(claim, numbers, verdict, brief) of each claim the results can judge."""
     rows = []
     if "exp1" in results:
         rows.append(("peak test error at 10³–10⁴ parameters (Exp 1)", *exp1_peak_rows(results["exp1"])))
@@ -267,9 +301,11 @@ def load(paths):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results JSON files (parts of one study)")
+    p.add_argument("--brief", action="store_true",
+                   help="only the numbers each verdict rests on, each seed's side by side")
     args = p.parse_args(argv)
     try:
-        print(claims_table(load(args.results)))
+        print(claims_table(load(args.results), brief=args.brief))
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 2
