@@ -2062,7 +2062,8 @@ def _log_edges(centres):
 
 
 def plot_width_epoch(results, path):
-    """The third figure (Nakkiran et al. 2020, Figure 1): Exp 1's test error over width and
+    """The third figure (Nakkiran et al. 2020, Figure 1): Exp 1's test error (the mean over
+    replicates) over width and
     training epoch, one heatmap per configuration on one colour scale; a row read across is
     epoch-wise, a column read up is model-wise double descent. Written atomically to
     `path`."""
@@ -2089,7 +2090,9 @@ def plot_width_epoch(results, path):
         ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("Epoch")
         ax.set_ylabel("Width w")
-        ax.set_title(f"Test error: {name.replace('_', ' + ')}")
+        seeds = series.get("replicate_count", 1)
+        ax.set_title(f"Test error: {name.replace('_', ' + ')}"
+                     + (f", mean of {seeds} seeds" if seeds > 1 else ""))
     if image is not None:
         fig.colorbar(image, cax=fig.add_axes((0.925, 0.13, 0.01, 0.70)), label="Test error")
     _save_figure(fig, results, "Model-wise and epoch-wise double descent as one surface "
