@@ -2063,10 +2063,9 @@ def _log_edges(centres):
 
 def plot_width_epoch(results, path):
     """The third figure (Nakkiran et al. 2020, Figure 1): Exp 1's test error (the mean over
-    replicates) over width and
-    training epoch, one heatmap per configuration on one colour scale; a row read across is
-    epoch-wise, a column read up is model-wise double descent. Written atomically to
-    `path`."""
+    replicates) over width and training epoch, one heatmap per configuration on one colour
+    scale; a row read across is epoch-wise, a column read up is model-wise double descent.
+    Written atomically to `path`."""
     import matplotlib.ticker
     fig, axes = _figure(1, 4, (21, 5.4))
     fig.subplots_adjust(left=0.04, right=0.91, bottom=0.13, top=0.83, wspace=0.22)

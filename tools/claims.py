@@ -156,10 +156,11 @@ def exp2_rows(exp2):
     if critical is not None:
         wobble = late_wobble(critical)
         cell = f"median change between checkpoints in the second half {wobble:.3f}"
-        verdict = "–"
-        brief = [(f"width {critical['width']}'s median change between checkpoints, second half:",
-                  f"{wobble:.3f}")]
-        if large is not None:
+        if large is None:
+            verdict = "–"
+            brief = [(f"width {critical['width']}'s median change between checkpoints, "
+                      "second half:", f"{wobble:.3f}")]
+        else:
             large_wobble = late_wobble(large)
             cell += f" (width {large['width']}: {large_wobble:.3f})"
             verdict = "yes" if wobble > large_wobble else "no"
