@@ -3394,8 +3394,14 @@ def _describe_group(group):
     widths = sorted({s["width"] for s in group})
     optimizers = "+".join(sorted({s["optimizer"] for s in group}))
     dims = sorted({s["d"] for s in group if s.get("d") is not None})
+    replicates = sorted({s.get("replicate", 0) for s in group})
     text = f"{group[0]['arch']} {optimizers} w={','.join(map(str, widths))}"
-    return text + (f" d={','.join(map(str, dims))}" if dims else "") + f" ({len(group)} models)"
+    text += f" d={','.join(map(str, dims))}" if dims else ""
+    # a study of several replicates trains each one's groups apart: name it, or two groups
+    # in training print the same line
+    if replicates != [0] or REPLICATES > 1:
+        text += f" rep={','.join(map(str, replicates))}"
+    return text + f" ({len(group)} models)"
 
 
 def plan_study(experiments, device, shard=None, detail=False, log=print, records_dir=None):

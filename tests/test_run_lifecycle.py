@@ -182,6 +182,18 @@ def test_progress_lines_within_a_group_in_a_log(tmp_path, data_dir, workers):
     assert all(0 < e <= 40 for e in epochs) and len(set(epochs)) >= 2
 
 
+def test_a_progress_line_names_its_groups_replicate_when_a_study_has_several(monkeypatch):
+    """Each replicate's models train in groups of their own: two in training at once must
+    not print the same line."""
+    spec = {"arch": "ResNet", "optimizer": "SGD", "width": 64, "d": 9}
+    first, second = [dict(spec, replicate=1)], [dict(spec, replicate=2)]
+    monkeypatch.setattr(ncc, "REPLICATES", 3)
+    assert ncc._describe_group(first) == "ResNet SGD w=64 d=9 rep=1 (1 models)"
+    assert ncc._describe_group(second) == "ResNet SGD w=64 d=9 rep=2 (1 models)"
+    monkeypatch.setattr(ncc, "REPLICATES", 1)
+    assert ncc._describe_group([dict(spec, replicate=0)]) == "ResNet SGD w=64 d=9 (1 models)"
+
+
 def _estimate_and_wall(args, data_dir, out):
     """(the run's output lines, the plan's estimate, the seconds from the plan line to the
     end of the run)."""
