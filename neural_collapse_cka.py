@@ -2860,7 +2860,7 @@ class ModelRuns:
         what = f"{spec['arch']} {spec['optimizer']} w={spec['width']}"
         if spec.get("d") is not None:
             what += f" d={spec['d']}"
-        if spec.get("replicate", 0) > 0 or (REPLICATES > 1 and "replicate" in spec):
+        if _shows_replicate(spec):
             what += f" rep={spec['replicate']}"
         if "seed" in spec:
             what += f" seed={spec['seed']}"
@@ -3394,14 +3394,19 @@ def _describe_group(group):
     widths = sorted({s["width"] for s in group})
     optimizers = "+".join(sorted({s["optimizer"] for s in group}))
     dims = sorted({s["d"] for s in group if s.get("d") is not None})
-    replicates = sorted({s.get("replicate", 0) for s in group})
+    # each replicate's models train in groups of their own: without it, two groups in
+    # training print the same line
+    replicates = sorted({s["replicate"] for s in group if _shows_replicate(s)})
     text = f"{group[0]['arch']} {optimizers} w={','.join(map(str, widths))}"
     text += f" d={','.join(map(str, dims))}" if dims else ""
-    # a study of several replicates trains each one's groups apart: name it, or two groups
-    # in training print the same line
-    if replicates != [0] or REPLICATES > 1:
-        text += f" rep={','.join(map(str, replicates))}"
+    text += f" rep={','.join(map(str, replicates))}" if replicates else ""
     return text + f" ({len(group)} models)"
+
+
+def _shows_replicate(spec):
+    """Whether a model's log lines name its replicate: in a study of several, or past the
+    first (Exp 4's models have seeds, not replicates)."""
+    return spec.get("replicate", 0) > 0 or (REPLICATES > 1 and "replicate" in spec)
 
 
 def plan_study(experiments, device, shard=None, detail=False, log=print, records_dir=None):

@@ -190,6 +190,8 @@ def test_a_progress_line_names_its_groups_replicate_when_a_study_has_several(mon
     monkeypatch.setattr(ncc, "REPLICATES", 3)
     assert ncc._describe_group(first) == "ResNet SGD w=64 d=9 rep=1 (1 models)"
     assert ncc._describe_group(second) == "ResNet SGD w=64 d=9 rep=2 (1 models)"
+    cka_model = {"arch": "ResNet", "optimizer": "Adam", "width": 32, "seed": 42}
+    assert ncc._describe_group([cka_model]) == "ResNet Adam w=32 (1 models)"  # no replicate
     monkeypatch.setattr(ncc, "REPLICATES", 1)
     assert ncc._describe_group([dict(spec, replicate=0)]) == "ResNet SGD w=64 d=9 (1 models)"
 
