@@ -134,8 +134,8 @@ FLUSH_DENORMALS = True         # (rounding) CPU: subnormal floats (below 1.2e-38
                                # weights and Adam's moments there, where x86 arithmetic is
                                # many times slower
 CUDA_GRAPHS = False            # (rounding) GPU: replay each epoch after the first as one
-                               # CUDA graph (EpochGraph); not yet run on a GPU, so off by
-                               # default
+                               # CUDA graph (EpochGraph); off until a resumed run with
+                               # graphs has been seen on a GPU (docs/running.md)
 PROGRESS_SECONDS = 30.0        # a progress line for each training group at least this often
 SNAPSHOT_SECONDS = 120.0       # a group in training saves its state at least this often, so
                                # a stop loses at most this much of its training (not results)

@@ -1,5 +1,5 @@
 """One command that proves the GPU path on one GPU, within a time budget (not part of the
-pytest run; not yet run on a GPU):
+pytest run; its report from one NVIDIA H200 is docs/gpu_check_h200.json):
 
     python tools/gpu_check.py OUT_DIR [--budget 480] [--fraction 0.005] [--benchmark-epochs 10]
 
