@@ -4097,17 +4097,23 @@ def check_study(values):
                          f"1..{values['EPOCHS_CKA']}")
 
 
-# Folders of the operating system, which a data cache must not be written into.
+# Folders of the operating system, which neither the data cache nor results may be
+# written into (as root a run could): these and everything under them, and the roots below.
 SYSTEM_FOLDERS = ["/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys",
                   "/usr"]
+SYSTEM_ROOTS = ["/", "/var", "/run"]
+
+
+def is_system_folder(path):
+    real = os.path.realpath(path)
+    return real in SYSTEM_ROOTS or any(real == f or real.startswith(f + "/")
+                                       for f in SYSTEM_FOLDERS)
 
 
 def check_data_dir(path):
     """ValueError unless `path` can hold the data cache: not a system folder, and writable
     (created if missing) unless it already holds the cache."""
-    real = os.path.realpath(path)
-    if real in ("/", "/var", "/run") or any(real == f or real.startswith(f + "/")
-                                             for f in SYSTEM_FOLDERS):
+    if is_system_folder(path):
         raise ValueError(f"DATA_DIR={path!r} is a folder of the operating system; give a "
                          "folder of your own for the data cache")
     with contextlib.suppress(OSError):
@@ -4237,7 +4243,11 @@ def _parse_experiments(text):
 
 
 def _writable_dir(path):
-    """Create `path` if needed and prove it writable; ValueError otherwise."""
+    """Create `path` if needed and prove it writable; ValueError otherwise, or if it is a
+    folder of the operating system."""
+    if is_system_folder(path):
+        raise ValueError(f"--out {path!r} is a folder of the operating system; give a folder "
+                         "of your own for the results")
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):

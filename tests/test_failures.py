@@ -56,6 +56,16 @@ def test_an_absurd_value_is_one_line_and_exit_2_before_anything_runs(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("out", ["/", "/usr/lib/results", "/etc"])
+def test_a_results_folder_of_the_operating_system_is_refused(data_dir, capsys, out):
+    # as root nothing else would stop a run from writing its files there
+    code, lines = refused(capsys, *SMOKE, "--experiments", "4", "--out", out,
+                          data_dir=data_dir)
+    assert code == 2 and len(lines) == 1 and "--out" in lines[0], lines
+    assert "operating system" in lines[0]
+    assert not os.path.exists(os.path.join(out, "records"))
+
+
 def test_the_plan_refuses_a_batch_larger_than_the_data_at_once(data_dir):
     started = time.time()
     result = cli("--set", "BATCH_SIZE=100000", "--plan", data_dir=data_dir)
