@@ -3989,9 +3989,13 @@ def compare_results(path, reference_path=None, log=print):
     for experiment, name, ok, line in rows:
         log(f"{'in ' if ok else 'OUT'} {experiment} {name}: {line}")
     out = sorted({experiment for experiment, _, ok, _ in rows if not ok})
+    # a run of some experiments is compared on those; the summary says which were not
+    unrun = [e.name for e in EXPERIMENTS.values()
+             if reference.get(e.name) and e.name not in mine]
     log(f"{len(rows) - sum(not ok for *_, ok, _ in rows)} of {len(rows)} headline numbers "
         f"within the reference's spread ({portable_path(reference_path)})"
-        + (f"; out: {', '.join(out)}" if out else ""))
+        + (f"; out: {', '.join(out)}" if out else "")
+        + (f"; not in yours, so not compared: {', '.join(unrun)}" if unrun else ""))
     return 1 if out else 0
 
 

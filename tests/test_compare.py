@@ -103,6 +103,7 @@ def test_a_run_of_some_experiments_and_one_seed_is_compared_on_those(tmp_path, c
     code, lines = compare(capsys, str(path))
     assert code == 0 and len(lines) == 1 + 8  # NC2 at each of the 8 d, then the summary
     assert all(" exp3 NC2 at d = " in line for line in lines[:-1])
+    assert lines[-1].endswith("not in yours, so not compared: exp1, exp2, exp4")
 
 
 def test_an_experiment_the_reference_lacks_or_no_file_is_exit_2(tmp_path, capsys, data_dir):
