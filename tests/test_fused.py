@@ -1,5 +1,6 @@
 """Fused multi-model training (FusedModels, train_models) against plain PyTorch training of
 each model alone, written here independently."""
+import copy
 import math
 
 import pytest
@@ -175,9 +176,10 @@ def graph_test_case(device):
     return data, [("ResNet", [2, 5, 8]), ("CNN", [3, 6])], ["SGD", "Adam", "SGD"]
 
 
-def train_case(data, arch, widths, names, epochs, device):
+def train_case(data, arch, widths, names, epochs, device, **snapshots):
     models = [make(arch, w, 7 * w).to(device) for w in widths]
-    out = ncc.train_models(models, data, names[:len(widths)], epochs, [7 * w for w in widths])
+    out = ncc.train_models(models, data, names[:len(widths)], epochs, [7 * w for w in widths],
+                           **snapshots)
     return models, out
 
 
@@ -202,6 +204,35 @@ def test_epoch_graph_bookkeeping_matches_eager_epochs(monkeypatch):
                     assert torch.allclose(p, q, atol=1e-9, rtol=0)
             for a, b in zip(eager_out, graphed_out):
                 assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-9)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_epoch_graph_resumed_from_a_snapshot_goes_on_as_if_never_stopped(monkeypatch):
+    # a resumed group warms up and captures anew; the rates its replays read must be the
+    # restored schedule's (with the scheduler's state not loaded, this test fails)
+    monkeypatch.setattr(ncc, "EpochGraph", ReplayOnCpu)
+    monkeypatch.setattr(ncc, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(ncc, "SNAPSHOT_SECONDS", 0.0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data, _, names = graph_test_case("cpu")
+        widths, epochs, stop_after = [2, 5], 7, 3
+        snapshots = {}
+        uninterrupted, fits = train_case(data, "ResNet", widths, names, epochs, "cpu",
+                                         save_snapshot=lambda s: snapshots.setdefault(
+                                             s["epoch"], copy.deepcopy(s)))
+        ReplayOnCpu.captures = ReplayOnCpu.replays = 0
+        resumed, resumed_fits = train_case(data, "ResNet", widths, names, epochs, "cpu",
+                                           resume=snapshots[stop_after])
+        # the epoch after the resume is the warm-up, the next one captured and replayed
+        assert (ReplayOnCpu.captures, ReplayOnCpu.replays) == (1, epochs - stop_after - 1)
+        for a, b in zip(uninterrupted, resumed):
+            for name, p in a.state_dict().items():
+                assert torch.allclose(p, b.state_dict()[name], atol=1e-9, rtol=0), name
+        for a, b in zip(fits, resumed_fits):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-9)
     finally:
         torch.set_default_dtype(previous)
 
