@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -61,6 +62,13 @@ import threading
 import time
 import warnings
 
+# On the command line a Ctrl-C while this file loads (seconds, mostly torch) waits until
+# it has (the end of the file): one raised inside torch's compiled start-up aborts the
+# process ("terminate called after throwing an instance of 'pybind11::error_already_set'").
+# Worker processes start with it held too (`_ctrl_c_held`).
+_CTRL_C_WHILE_LOADING = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: _CTRL_C_WHILE_LOADING.append(signum))
 _IMPORT_START = time.perf_counter()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -178,8 +186,8 @@ _DEFAULTS = {name: globals()[name] for name in _HYPERPARAMETER_NAMES}
 # 2. Data: MNIST-1D (Greydanus 2020), generated locally, cached as .npz (no pickle)
 # ----------------------------------------------------------------------------------------
 def _mnist1d_args():
-    import mnist1d.data  # imported lazily: it pulls in scipy and matplotlib
-    return mnist1d.data.get_dataset_args()
+    # imported lazily: it pulls in scipy and matplotlib
+    return _library("mnist1d.data").get_dataset_args()
 
 
 def _cache_path(args):
@@ -301,14 +309,22 @@ def stops_deferred():
         signal.raise_signal(caught[0])  # now handled as it would have been
 
 
+def _library(name):
+    """The module `name`, imported with Ctrl-C and SIGTERM held until it has loaded (then
+    they stop the run as usual): one raised inside a library's compiled start-up can abort
+    the process rather than raise."""
+    with stops_deferred():
+        return importlib.import_module(name)
+
+
 def load_mnist1d(cache_path=None):
     """Clean MNIST-1D as numpy arrays {x, y, x_test, y_test}, from the cache or generated.
 
     `mnist1d.data.make_dataset` reseeds NumPy's global RNG (and Python's `random`); the
     label noise below therefore uses its own generator and nothing here reads global state.
     """
-    import mnist1d.data
     args = _mnist1d_args()
+    import mnist1d.data  # loaded by _mnist1d_args
     path = cache_path or _cache_path(args)
     shapes = _expected_shapes(args)
     arrays, problem = _load_cache(path, shapes)
@@ -1952,10 +1968,8 @@ def _commit_of(part):
 
 
 def _figure(rows, cols, size):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(rows, cols, figsize=size)
+    _library("matplotlib").use("Agg")
+    return _library("matplotlib.pyplot").subplots(rows, cols, figsize=size)
 
 
 def _save_figure(fig, results, title, path, tight=True):
@@ -3004,6 +3018,25 @@ def _shrugged_off(signum, frame):
     now and then. Between two Python functions there is no such moment."""
 
 
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Ctrl-C (SIGINT) blocked in this thread while it starts a worker process, which
+    inherits the mask: a Ctrl-C to the process group then waits in the new process until
+    `_worker_main` shrugs it off, instead of striking its start-up (seconds of imports) as a
+    traceback. Here a held Ctrl-C arrives once the block ends. CPython starts its resource
+    tracker the same way, and unblocks SIGINT after it, so that tracker is started first."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()  # a spawned process's start would start it otherwise
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _shared_counters(count):
     """`count` integers in shared memory that workers write and this process reads."""
     import multiprocessing
@@ -3045,7 +3078,8 @@ class Workers:
                     pipe, worker_end = context.Pipe()
                     process = context.Process(target=_worker_main, daemon=True,
                                               args=(worker_end, settings, shared))
-                    process.start()
+                    with _ctrl_c_held():
+                        process.start()
                     worker_end.close()
                     self.processes.append(process)
                     self.pipes.append(pipe)
@@ -3157,6 +3191,8 @@ def _worker_main(pipe, settings, shared):
     """A worker process: runs the calls that come through `pipe` until it closes."""
     signal.signal(signal.SIGINT, _shrugged_off)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if hasattr(signal, "pthread_sigmask"):  # a Ctrl-C held since it started, shrugged off
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     torch.set_num_threads(1)
     apply_settings(settings)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -3786,8 +3822,8 @@ def _shape_problem(experiment, value):
         return None
     if not isinstance(value, dict):
         return f"is a JSON {type(value).__name__}, not an object of results"
-    import matplotlib.pyplot as plt
     fig, axes = _figure(1, experiment.panels, (4 * experiment.panels, 3))
+    import matplotlib.pyplot as plt
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -4153,8 +4189,7 @@ def apply_settings(settings):
 
 
 def environment(device):
-    import matplotlib
-    import mnist1d
+    matplotlib, mnist1d = _library("matplotlib"), _library("mnist1d")
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "matplotlib": matplotlib.__version__,
             "mnist1d": getattr(mnist1d, "__version__", _package_version("mnist1d")),
@@ -4349,6 +4384,10 @@ def main(argv=None):
         print(f"{parser.prog}: error: {machine_failure(e, args.out)}", file=sys.stderr,
               flush=True)
         return EXIT_MACHINE
+    except KeyboardInterrupt:  # outside a run (checks, --plan, --plot-only, --compare)
+        print("stopped by Ctrl-C; every file is written whole or not at all, so nothing "
+              "half-written is left", file=sys.stderr, flush=True)
+        return 130
 
 
 def _main(parser, args, argv):
@@ -4418,4 +4457,9 @@ def _main(parser, args, argv):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _CTRL_C_WHILE_LOADING:
+        print("stopped by Ctrl-C while loading the libraries; nothing was written",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
     sys.exit(main())

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,25 +288,27 @@ def test_a_stop_sent_to_the_whole_process_group_while_a_worker_idles(tmp_path, o
     assert not list(tmp_path.rglob(".tmp-*")), "a half-written file was left behind"
 
 
+def _spawned_workers(parent):
+    """Pids of `parent`'s worker processes (multiprocessing's spawn; not its resource
+    tracker)."""
+    found = []
+    for pid in _children(parent):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc")
 def test_a_worker_killed_in_training_ends_the_run_with_one_line(own_group):
     proc = own_group
-
-    def workers():  # the resource tracker is a child too
-        found = []
-        for pid in _children(proc.pid):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"spawn_main" in f.read():
-                        found.append(pid)
-            except OSError:
-                pass
-        return found
-
-    _wait_for(lambda: len(workers()) == 2, proc)
+    _wait_for(lambda: len(_spawned_workers(proc.pid)) == 2, proc)
     time.sleep(2)
     # the first worker started takes the first call, w = 128 (longest first): it trains
-    os.kill(min(workers()), signal.SIGKILL)  # as the kernel's out-of-memory killer does
+    os.kill(min(_spawned_workers(proc.pid)), signal.SIGKILL)  # as an out-of-memory kill
     stdout, stderr = proc.communicate(timeout=15)
     assert proc.returncode == 1
     lines = stderr.strip().splitlines()
@@ -338,3 +341,58 @@ def test_one_set_of_workers_serves_every_experiment_of_a_run(tiny, monkeypatch):
         ncc.apply_settings(saved)
     assert started == [2]  # one start of two workers, not one per experiment
     assert sum(" done" in line for line in lines) == 16 + 5
+
+
+@pytest.mark.long(20)
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads worker pids from /proc")
+def test_a_ctrl_c_that_strikes_workers_as_they_start_is_shrugged_off(own_group):
+    # the moment a worker appears it is still loading the libraries (seconds): a Ctrl-C
+    # there used to print its traceback and end the run with a dead worker
+    proc = own_group
+    struck = set()
+    deadline = time.time() + 120
+    while len(struck) < 2 and time.time() < deadline and proc.poll() is None:
+        for pid in set(_spawned_workers(proc.pid)) - struck:
+            os.kill(pid, signal.SIGINT)
+            struck.add(pid)
+        time.sleep(0.002)
+    assert len(struck) == 2, "the run never started its two workers"
+    records = Path(proc.args[proc.args.index("--out") + 1]) / "records" / "exp2"
+    _wait_for(lambda: records.exists() and saved_records(records), proc)  # trains on
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=15)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+@pytest.mark.long(20)
+def test_a_ctrl_c_at_any_moment_of_a_run_is_one_line_and_exit_130(tmp_path, data_dir):
+    # a Ctrl-C reaches the whole process group, as in a terminal, at moments spread over a
+    # run's first seconds (the libraries loading, the checks, the plan's probe, workers
+    # starting, training); the runs go side by side, so where each lands varies by machine
+    delays = [0.5, 1.5, 2.5, 3.5, 5, 7, 9]
+    runs = []
+    for i, delay in enumerate(delays):
+        cmd = [sys.executable, SCRIPT, "--preset", "smoke", "--set", f"DATA_DIR={data_dir}",
+               "--out", str(tmp_path / str(i))]
+        runs.append(subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+    start = time.time()
+    try:
+        for proc, delay in zip(runs, delays):
+            time.sleep(max(start + delay - time.time(), 0))
+            os.killpg(proc.pid, signal.SIGINT)
+        for proc, delay in zip(runs, delays):
+            _, stderr = proc.communicate(timeout=60)
+            lines = stderr.strip().splitlines()
+            assert proc.returncode == 130 and "Traceback" not in stderr, (delay, stderr)
+            assert len(lines) == 1, (delay, stderr)
+            assert lines[0].startswith("stopped by Ctrl-C"), (delay, stderr)
+    finally:
+        for proc in runs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+    assert not list(tmp_path.rglob(".tmp-*")), "a half-written file was left behind"
