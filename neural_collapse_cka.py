@@ -2807,6 +2807,8 @@ class ModelRuns:
     def _rebuild(self, spec, state):
         model = make_model(spec["arch"], spec["width"], 0, spec.get("d"))
         model.load_state_dict(state)
+        if self.data is None:  # the plan's check of a record: no device to move it to
+            return model.eval()
         return model.to(self.data["x_train"].device).eval()
 
     def _note_snapshot(self, group):
@@ -2823,14 +2825,16 @@ class ModelRuns:
                      f"{epoch + 1} of {group[0]['epochs']} from the snapshot a stopped run left")
 
     def share_done(self, group):
-        """How much of a group earlier runs did: 1 when all its records are there, its
-        snapshot's epoch over its epochs, else 0 (for the plan)."""
+        """How much of a group earlier runs did: 1 when all its records are there and
+        readable (`load`: as the run will find them), its snapshot's epoch over its
+        epochs, else 0 (for the plan)."""
         if not self.records_dir:
             return 0.0
-        if all(os.path.exists(self._paths(spec, group)[0]) for spec in group):
-            return 1.0
-        with warnings.catch_warnings():  # an unreadable snapshot is reported when it is met
+        # an unreadable record or snapshot is reported when the run meets it
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if all(self.load(spec, group) is not None for spec in group):
+                return 1.0
             state = load_snapshot(self.snapshot_path(group))
         return 0.0 if state is None else state["training"]["epoch"] / group[0]["epochs"]
 

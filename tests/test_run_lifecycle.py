@@ -3,6 +3,7 @@ a group trains, and a clean stop on SIGTERM that a rerun resumes from."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,12 +92,21 @@ def test_sigterm_stops_cleanly_with_exit_143_and_a_rerun_resumes(tmp_path, data_
     assert again["exp1"] == ref["exp1"]
 
 
-def test_the_plan_of_a_finished_run_counts_its_models_as_done(data_dir, slow_run):
+def test_the_plan_of_a_finished_run_counts_its_models_as_done(data_dir, slow_run, tmp_path):
     result = cli(*SLOW_SMOKE, "--plan", "--out", str(slow_run[0]), data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     line = result.stdout.splitlines()[0]
     total = int(re.match(r"plan: (\d+) models", line).group(1))
     assert f"; {total} models finished and 0 groups part-trained by earlier runs" in line
+    # a record cut short counts as missing, as the run will find it: its group is to train
+    out = tmp_path / "copy"
+    shutil.copytree(slow_run[0] / "records", out / "records")
+    cut = saved_records(out / "records" / "exp1")[0]
+    cut.write_text(cut.read_text()[:40])
+    result = cli(*SLOW_SMOKE, "--plan", "--out", str(out), data_dir=data_dir)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    finished = int(re.search(r"; (\d+) models finished", result.stdout).group(1))
+    assert 0 < finished < total
 
 
 class _Stopped(Exception):
