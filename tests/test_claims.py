@@ -164,3 +164,13 @@ def test_results_of_several_seeds_are_judged_seed_by_seed():
                         "w = 8 (8.0k) / 8 (8.0k) / none | in 2 of 3 seeds |")
     assert lines[-1] == ("| NC2 drops to zero at d = 9 (Exp 3) | NC2 at d = 8: 1.00 / 1.00 / 1.00; "
                          "NC2 at d = 9: 0.05 / 0.80 / 0.05 | in 2 of 3 seeds |")
+
+
+def test_the_readme_claims_table_is_the_brief_table_of_the_published_results():
+    # the README's table is the tool's, so it changes with docs/full's numbers and rules
+    published = os.path.join(ROOT, "docs", "full", "neural_collapse_cka_results.json")
+    if not os.path.exists(published):
+        pytest.skip("no paper-scale results in this checkout")
+    table = claims.claims_table(claims.load([published]), brief=True)
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert table.strip() in readme
