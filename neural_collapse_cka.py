@@ -3347,20 +3347,21 @@ PROBE_SAMPLES = 512  # the most inputs a probe trains on, whatever BATCH_SIZE is
 
 def probe_step_seconds(group, device):
     """Seconds per training step of `group` fused on `device`: four epochs of two steps on
-    random inputs (a step's time does not depend on the values), timing the last two, so
-    that one-off set-up and, with CUDA_GRAPHS, the capture are left out. A batch larger
-    than half of PROBE_SAMPLES is timed as one step of PROBE_SAMPLES inputs and scaled by
-    its size (a step's arithmetic grows with its batch), so that a probe costs seconds and
-    little memory whatever BATCH_SIZE is."""
+    random inputs (a step's time does not depend on the values), timing the last two from
+    the end of one epoch to the end of another, so that one-off set-up, with CUDA_GRAPHS
+    the capture, and the copies of the trained weights back into the models are left out.
+    A batch larger than half of PROBE_SAMPLES is timed as one step of PROBE_SAMPLES inputs
+    and scaled by its size (a step's arithmetic grows with its batch), so that a probe
+    costs seconds and little memory whatever BATCH_SIZE is."""
     n = min(2 * BATCH_SIZE, PROBE_SAMPLES)
     fake = {"x_train": torch.randn(n, 40, device=device),
             "y_train": torch.randint(0, NUM_CLASSES, (n,), device=device)}
     models = [make_model(s["arch"], s["width"], 0, s.get("d")) for s in group]
-    marks = []
+    epoch_ends = []  # on a GPU each comes after the epoch's one host sync
     train_models(models, fake, [s["optimizer"] for s in group], 4, list(range(len(group))),
-                 checkpoints=(2,), on_checkpoint=lambda g, m, e: marks.append(time.time()))
+                 on_epoch=lambda epoch: epoch_ends.append(time.time()))
     steps_per_epoch = -(-n // BATCH_SIZE)
-    step = (time.time() - marks[0]) / (2 * steps_per_epoch)
+    step = (epoch_ends[3] - epoch_ends[1]) / (2 * steps_per_epoch)
     return step * BATCH_SIZE / min(BATCH_SIZE, n)
 
 
