@@ -46,6 +46,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib
@@ -4156,21 +4157,34 @@ def is_system_folder(path):
 
 
 def check_data_dir(path):
-    """ValueError unless `path` can hold the data cache: not a system folder, and writable
-    (created if missing) unless it already holds the cache."""
+    """Can `path` hold the data cache? Not a system folder, and writable (created if
+    missing) unless it already holds the cache: `prove_writable`'s errors otherwise."""
     if is_system_folder(path):
         raise ValueError(f"DATA_DIR={path!r} is a folder of the operating system; give a "
                          "folder of your own for the data cache")
     with contextlib.suppress(OSError):
         if any(n.startswith("mnist1d_") and n.endswith(".npz") for n in os.listdir(path)):
             return
+    prove_writable(path, f"DATA_DIR={path!r}", "; the data cache is written there")
+
+
+# A folder the machine will not let a run write (its permissions, a read-only or full
+# file system) is the machine's failure, not a wrong path: EXIT_MACHINE, not EXIT_BAD_INPUT.
+MACHINE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def prove_writable(path, name, why=""):
+    """Create the folder `path` if needed and write a file in it. A path that cannot be a
+    folder (a file in the way, a name too long) is a ValueError naming it as `name`; a
+    folder the machine will not let us write, an OSError naming the folder."""
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        raise ValueError(f"DATA_DIR={path!r} is not a writable folder ({e.strerror}); the "
-                         "data cache is written there")
+        if e.errno in MACHINE_ERRNOS:
+            raise OSError(e.errno, e.strerror, path) from None
+        raise ValueError(f"{name} is not a writable folder ({e.strerror}){why}") from None
 
 
 def parse_setting(text):
@@ -4287,17 +4301,11 @@ def _parse_experiments(text):
 
 
 def _writable_dir(path):
-    """Create `path` if needed and prove it writable; ValueError otherwise, or if it is a
-    folder of the operating system."""
+    """`prove_writable` for --out, after refusing a folder of the operating system."""
     if is_system_folder(path):
         raise ValueError(f"--out {path!r} is a folder of the operating system; give a folder "
                          "of your own for the results")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {path!r} is not a writable folder ({e.strerror})")
+    prove_writable(path, f"--out {path!r}")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None):

@@ -3,6 +3,7 @@ where, with exit code 2 for bad input and 3 for a failure of the machine (a full
 missing permission), nothing already saved lost, and the same command resuming once the
 cause is fixed. And two runs sharing a folder, which share the work instead of doing it
 twice."""
+import errno
 import json
 import os
 import resource
@@ -221,6 +222,35 @@ def test_a_records_folder_that_is_a_file_is_found_before_training(tmp_path, data
     assert result.returncode == 3, result.stderr
     one_line(result, str(out / "records" / "exp3"))
     assert "[exp3]" not in result.stdout  # nothing trained
+
+
+@pytest.mark.parametrize("code, folder", [(errno.EACCES, "out"), (errno.EROFS, "out"),
+                                          (errno.EACCES, "data")])
+def test_a_folder_the_machine_will_not_let_a_run_write_is_exit_3_naming_it(
+        tmp_path, data_dir, capsys, monkeypatch, code, folder):
+    """A permission or a read-only file system is the machine's failure (exit 3), where a
+    path that cannot be a folder is bad input (exit 2, `test_unwritable_out`). As root,
+    which ignores permissions, the file system's refusal is staged."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    barred = {"out": out, "data": data}[folder]
+    real = ncc.tempfile.TemporaryFile
+
+    def refusing(*args, dir=None, **kwargs):
+        if dir == str(barred):
+            raise OSError(code, os.strerror(code), os.path.join(dir, "tmpx"))
+        return real(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(ncc.tempfile, "TemporaryFile", refusing)
+    capsys.readouterr()
+    formatwarning = ncc.warnings.formatwarning
+    try:
+        exit_code = ncc.main(["--set", f"DATA_DIR={data if folder == 'data' else data_dir}",
+                              *SMOKE, "--out", str(out)])
+    finally:
+        ncc.warnings.formatwarning = formatwarning
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_code == 3 and len(lines) == 1, lines
+    assert f"{os.strerror(code).lower()} ({barred})" in lines[0]
+    assert not (out / "records").exists()
 
 
 def test_a_machine_failure_in_a_worker_reaches_the_run_as_itself():
