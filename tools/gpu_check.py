@@ -9,15 +9,16 @@ In this order, each check started only while the budget (seconds) lasts:
    from these, `full`'s wall time extrapolated: the training time read from the runs'
    records scales with the epochs, the checkpoint measures with their number, and the
    rest (analysis, start-up) stays as it was;
-3. a smoke run (a snapshot after every epoch) killed with SIGKILL after its first record
+3. `full`'s --plan, its estimate of each experiment against those extrapolations;
+4. a smoke run (a snapshot after every epoch) killed with SIGKILL after its first record
    and rerun, finished groups loaded and the group in training resumed from its
    snapshot, against an uninterrupted one: the same numbers; then the same with CUDA
    graphs, whose resumed numbers may differ in rounding (the largest difference, and
    whether --compare finds the resumed run within the uninterrupted one's band);
-4. an epoch of each of Exp 1's fused groups with the activations in PyTorch's default
+5. an epoch of each of Exp 1's fused groups with the activations in PyTorch's default
    layout and in channels-last (the CPU's);
-5. tools/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
-6. Exp 1 at `--fraction` of its epochs as 1, 2 and 4 concurrent shard processes on the
+6. tools/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
+7. Exp 1 at `--fraction` of its epochs as 1, 2 and 4 concurrent shard processes on the
    one GPU.
 
 It prints one summary table and writes it, with each command's output's tail, to
@@ -29,6 +30,7 @@ the resume check with graphs was added; that check alone took 44 s there).
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,6 +201,30 @@ def check_full_fraction(report, device, out, fraction):
         report[f"full_{mode}_estimate"] = sum(walls) if None not in walls else None
 
 
+def seconds_of(duration):
+    """Seconds of one of the script's durations: '1h09m', '11m17s', '5s'."""
+    h, m, sec = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", duration).groups()
+    return 3600 * int(h or 0) + 60 * int(m or 0) + int(sec or 0)
+
+
+def check_plan(report, device, out):
+    """`full`'s --plan on this device (eager, nothing trained yet) against the eager wall
+    times extrapolated from the timed runs: how far the plan's probe misjudges each
+    experiment here."""
+    _, done = run(study(f"{out}/plan", device, "--plan"))
+    planned = {f"exp{n}": seconds_of(d) for n, d in
+               re.findall(r"^  exp(\d+): .*, ~(\S+)$", done.stdout, re.M)}
+    timed = {key.split()[0]: row["full_estimate"]
+             for key, row in report.get("full_fraction", {}).items()
+             if key.endswith("eager") and row["full_estimate"]}
+    report["plan"] = {
+        "ok": done.returncode == 0 and len(planned) == len(EPOCHS),
+        "planned_seconds": planned,
+        "planned_over_extrapolated": {name: planned[name] / timed[name]
+                                      for name in planned if name in timed},
+        "output": tail(done.stdout + done.stderr, 8)}
+
+
 def check_shards(report, device, out, fraction):
     import neural_collapse_cka as ncc
     epochs = max(1, round(ncc.EPOCHS_MODEL_WISE * fraction))
@@ -279,6 +305,10 @@ def summary(report):
         value = report.get(f"full_{mode}_estimate")
         lines.append(f"{'full, ' + mode + ', extrapolated':<28} {'':<4} "
                      + ("-" if value is None else f"{value / 60:.1f} min"))
+    if "plan" in report:
+        ratios = report["plan"]["planned_over_extrapolated"]
+        lines.append(f"{'plan / extrapolated (eager)':<28} {str(report['plan']['ok']):<4} "
+                     + (", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) or "-"))
     shards = report.get("exp1_shards", {})
     for count, row in shards.items():
         lines.append(f"{'exp1 as ' + count + ' shard(s)':<28} {str(row['ok']):<4} "
@@ -329,6 +359,7 @@ def main():
     checks = [("cuda_tests", lambda: check_cuda_tests(report, args.device)),
               ("full_fraction", lambda: check_full_fraction(report, args.device, args.out,
                                                             args.fraction)),
+              ("plan", lambda: check_plan(report, args.device, args.out)),
               ("kill_and_resume", lambda: check_kill_and_resume(report, args.device,
                                                                 args.out)),
               ("kill_and_resume_graphs", lambda: check_kill_and_resume(
