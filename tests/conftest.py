@@ -131,22 +131,28 @@ def data_dir(tmp_path_factory):
     return str(folder)
 
 
-def _run(tmp_path_factory, data_dir, name, args):
-    """(out folder, completed process) of the script run with `args`, once per test
-    session even when pytest -n spreads the tests over processes: the first process to
-    need the run makes it, and the others wait for it (a lock in the folder they share)
-    and read it. Tests that change such a folder change a copy."""
+def once_per_session(tmp_path_factory, name, make):
+    """(out folder, completed process) of `make(out)`, once per test session even when
+    pytest -n spreads the tests over processes: the first process to need it makes it, and
+    the others wait for it (a lock in the folder they share) and read it. Tests that
+    change such a folder change a copy."""
     shared = _session_folder(tmp_path_factory)
     out, done = shared / f"run-{name}", shared / f"run-{name}.json"
     with open(shared / f"run-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not done.exists():
-            ran = cli(*args, "--out", str(out), data_dir=data_dir)
+            ran = make(out)
             done.write_text(json.dumps({"returncode": ran.returncode, "stdout": ran.stdout,
                                         "stderr": ran.stderr}))
-    result = subprocess.CompletedProcess(args, **json.loads(done.read_text()))
+    result = subprocess.CompletedProcess(name, **json.loads(done.read_text()))
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+def _run(tmp_path_factory, data_dir, name, args):
+    """The script run with `args`, once per test session (`once_per_session`)."""
+    return once_per_session(tmp_path_factory, name,
+                            lambda out: cli(*args, "--out", str(out), data_dir=data_dir))
 
 
 @pytest.fixture(scope="session")

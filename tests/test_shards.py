@@ -14,7 +14,8 @@ import time
 import pytest
 
 import neural_collapse_cka as ncc
-from conftest import NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, model_table, numbers_only, refused
+from conftest import (NAME, ROOT, SCRIPT, SLOW_SMOKE, cli, model_table, numbers_only,
+                      once_per_session, refused)
 
 SMOKE = ["--preset", "smoke"]
 SLOW = SLOW_SMOKE
@@ -63,12 +64,12 @@ def run_smoke_recipe(title, out, data_dir, replacement, timeout=600):
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def three_shards(tmp_path_factory, data_dir):
     """(out folder, completed recipe) of the background-processes recipe, three shards of
-    the smoke preset and their collect."""
-    out = tmp_path_factory.mktemp("three_shards") / "out"
-    return out, run_smoke_recipe("background processes", out, data_dir, ("N=8", "N=3"))
+    the smoke preset and their collect, once per session (two tests read it)."""
+    return once_per_session(tmp_path_factory, "three_shards", lambda out: run_smoke_recipe(
+        "background processes", out, data_dir, ("N=8", "N=3")))
 
 
 @pytest.mark.long(22)
