@@ -10,16 +10,18 @@ In this order, each check started only while the budget (seconds) lasts:
    records scales with the epochs, the checkpoint measures with their number, and the
    rest (analysis, start-up) stays as it was;
 3. `full`'s --plan, its estimate of each experiment against those extrapolations;
-4. a smoke run (a snapshot after every epoch) killed with SIGKILL after its first record
-   and rerun, finished groups loaded and the group in training resumed from its
-   snapshot, against an uninterrupted one: the same numbers; then the same with CUDA
+4. a smoke run (a snapshot after every epoch) killed with SIGKILL once one group has
+   finished and another has saved a snapshot, and rerun, finished groups loaded and the
+   group in training resumed from its snapshot, against an uninterrupted one: the same
+   numbers (a rerun that resumed no group from a snapshot fails); then the same with CUDA
    graphs, whose resumed numbers may differ in rounding (the largest difference, and
    whether --compare finds the resumed run within the uninterrupted one's band);
 5. an epoch of each of Exp 1's fused groups with the activations in PyTorch's default
    layout and in channels-last (the CPU's);
 6. tools/benchmark.py at --benchmark-epochs (plain, fused, fused with CUDA graphs);
 7. Exp 1 at `--fraction` of its epochs as 1, 2 and 4 concurrent shard processes on the
-   one GPU.
+   one GPU (a count is skipped when less of the budget is left than 1.5 times what one
+   process took; a failed one reports its return codes and its errors' last lines).
 
 It prints one summary table and writes it, with each command's output's tail, to
 OUT_DIR/gpu_check.json (rewritten after every check). Without CUDA it exits 2 with one
@@ -127,13 +129,14 @@ def check_kill_and_resume(report, device, out, graphs=False):
     killed = f"{out}/{name}_killed"
     proc = subprocess.Popen(study(killed, device, *args), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    records = os.path.join(killed, "records", "exp1")
+    # killed once a group has finished (its records) and another is part-way through (its
+    # snapshot, which is removed as its records are written), so that the rerun shows both
+    # ways of resuming; on a GPU the first record alone left no group part-way at times
     deadline = time.time() + min(300, time_left())
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(records) and any(f.endswith(".json") and not f.startswith(".")
-                                          for f in os.listdir(records)):
+        if records_and_snapshots(os.path.join(killed, "records")) >= (1, 1):
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _, resumed = run(study(killed, device, *args))
@@ -144,13 +147,26 @@ def check_kill_and_resume(report, device, out, graphs=False):
         difference = _largest_difference(load(f"{out}/{name}_ref"), load(killed))
         _, compared = run([sys.executable, SCRIPT, "--compare", os.path.join(killed, RESULTS),
                            "--reference", os.path.join(f"{out}/{name}_ref", RESULTS)])
+    snapshot_lines = resumed.stdout.count("from the snapshot a stopped run left")
+    agrees = compared is not None and compared.returncode == 0 if graphs else same
     report[name] = {
-        "ok": compared is not None and compared.returncode == 0 if graphs else same,
+        # a rerun that resumed no group from its snapshot has not checked the resume
+        "ok": agrees and snapshot_lines > 0,
         "bit_identical": same, "largest_difference": difference,
         "cached_lines": resumed.stdout.count("(cached)"),
-        "snapshot_lines": resumed.stdout.count("from the snapshot a stopped run left"),
+        "snapshot_lines": snapshot_lines,
         "output": tail(resumed.stdout + resumed.stderr)
-        + ("" if compared is None else "\n" + tail(compared.stdout + compared.stderr, 1))}
+        + ("" if compared is None else "\n" + tail(compared.stdout + compared.stderr, 1))
+        + ("" if snapshot_lines else "\nno group was resumed from its snapshot")}
+
+
+def records_and_snapshots(folder):
+    """(number of finished models' records, number of snapshots of groups part-way) under
+    a run's records folder."""
+    names = [name for _, _, files in os.walk(folder) for name in files
+             if not name.startswith(".")]
+    return (sum(name.endswith(".json") for name in names),
+            sum(name.endswith(".snapshot") for name in names))
 
 
 def extrapolate(number, folder, wall, scale):
@@ -230,12 +246,18 @@ def check_shards(report, device, out, fraction):
     epochs = max(1, round(ncc.EPOCHS_MODEL_WISE * fraction))
     rows = {}
     for count in (1, 2, 4):
+        if "1" in rows and time_left() < 1.5 * rows["1"]["wall"]:
+            rows[str(count)] = {"ok": None, "epochs": epochs, "wall": None,
+                                "output": "skipped: the budget was spent"}
+            continue
         folder = f"{out}/shards_{count}"
         args = ["--experiments", "1", "--set", f"EPOCHS_MODEL_WISE={epochs}"]
+        # each shard's errors to a file: a pipe nobody reads while it runs can fill and stall it
+        errors = [f"{out}/shards_{count}_{i}.stderr" for i in range(count)]
         start = time.time()
         procs = [subprocess.Popen(study(folder, device, *args, "--shard", f"{i}/{count}"),
                                   cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=open(errors[i], "w"))
                  for i in range(count)]
         codes = []
         for proc in procs:
@@ -243,11 +265,19 @@ def check_shards(report, device, out, fraction):
                 codes.append(proc.wait(timeout=time_left()))
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
                 codes.append(124)
         wall = time.time() - start
         _, collect = run(study(folder, device, *args, "--collect"))
-        rows[str(count)] = {"ok": not any(codes) and collect.returncode == 0,
-                            "epochs": epochs, "wall": wall}
+        codes.append(collect.returncode)
+        output = "; ".join(tail(open(path).read(), 3)
+                           for path, code in zip(errors, codes) if code)
+        if collect.returncode:
+            output += tail(collect.stdout + collect.stderr, 3)
+        if 124 in codes:
+            output = "out of budget: " + output
+        rows[str(count)] = {"ok": not any(codes), "epochs": epochs, "wall": wall,
+                            "return_codes": codes, "output": output}
     report["exp1_shards"] = rows
 
 
@@ -311,9 +341,11 @@ def summary(report):
                      + (", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) or "-"))
     shards = report.get("exp1_shards", {})
     for count, row in shards.items():
-        lines.append(f"{'exp1 as ' + count + ' shard(s)':<28} {str(row['ok']):<4} "
-                     f"{row['wall']:.1f} s at {row['epochs']} epochs, "
-                     f"{shards['1']['wall'] / row['wall']:.2f}x one process")
+        result = (f"{row['wall']:.1f} s at {row['epochs']} epochs, "
+                  f"{shards['1']['wall'] / row['wall']:.2f}x one process") if row["ok"] else (
+                  row.get("output", "failed")[:70])
+        ok = "-" if row["ok"] is None else str(row["ok"])
+        lines.append(f"{'exp1 as ' + count + ' shard(s)':<28} {ok:<4} {result}")
     return "\n".join(lines)
 
 
