@@ -3823,7 +3823,7 @@ def load_results(path):
 def _shape_problem(experiment, value):
     """Why `value` cannot be `experiment`'s results as this script writes them, or None (an
     experiment not run is None). Its panels are drawn on a figure that is then thrown
-    away: what they read is what a results file must hold."""
+    away and its headline numbers read: what they read is what a results file must hold."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -3834,6 +3834,7 @@ def _shape_problem(experiment, value):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             experiment.plot(list(np.atleast_1d(axes)), value)
+            headline_numbers({experiment.name: value})  # what --compare reads
     except Exception as e:
         return f"is not in the shape this script writes ({_first_line(e)})"
     finally:
@@ -3896,6 +3897,13 @@ def _per_seed(replicates):
     return [_floats(curve) for curve in zip(*replicates)]
 
 
+def _seed_values(series, name):
+    """A list over points of lists over seeds of `name`; results written before replicates
+    were kept hold one seed's values only."""
+    values = _replicates_of(series, name)
+    return [[value] for value in series[name]] if values is None else values
+
+
 def headline_numbers(results):
     """{(experiment, name): (kind, [its value in each seed])} of the numbers a reproduction
     is judged by: Exp 1's peak (the largest rise of test error over width: the width and
@@ -3908,7 +3916,7 @@ def headline_numbers(results):
     out = {}
     for name, series in (results.get("exp1") or {}).items():
         widths = series["width"]
-        for seed, curve in enumerate(_per_seed(series["replicates"]["test_err"])):
+        for seed, curve in enumerate(_per_seed(_seed_values(series, "test_err"))):
             rise = largest_rise(curve)
             i, j = rise if rise else (None, None)
             values = {"peak width": ("width", widths[j] if rise else float("nan")),
@@ -3920,7 +3928,7 @@ def headline_numbers(results):
                 out.setdefault(("exp1", f"{name} {what}"), (kind, []))[1].append(value)
     for name, series in (results.get("exp2") or {}).items():
         epochs = series["epoch"]
-        for curve in _per_seed(series["replicates"]["test_err"]):
+        for curve in _per_seed(_seed_values(series, "test_err")):
             smooth = running_median3(curve)
             rise = largest_rise(smooth)
             i, j = rise if rise else (None, None)
@@ -3935,7 +3943,7 @@ def headline_numbers(results):
                     value)
     exp3 = results.get("exp3")
     if exp3:
-        for d, seeds in zip(exp3["d"], exp3["replicates"]["nc2"]):
+        for d, seeds in zip(exp3["d"], _seed_values(exp3, "nc2")):
             out[("exp3", f"NC2 at d = {d}")] = ("nc", _floats(seeds))
     exp4 = results.get("exp4")
     if exp4:

@@ -106,6 +106,34 @@ def test_a_run_of_some_experiments_and_one_seed_is_compared_on_those(tmp_path, c
     assert lines[-1].endswith("not in yours, so not compared: exp1, exp2, exp4")
 
 
+def test_results_written_before_replicates_were_kept_are_compared_on_their_one_seed(
+        tmp_path, capsys):
+    """Older versions wrote each point's values without "replicates" (as the H100 run of
+    Exp 3 in docs/ has them): --compare reads those, as one seed."""
+    results = json.loads(open(REFERENCES["quick"]).read())
+    for series in [*results["exp1"].values(), *results["exp2"].values(), results["exp3"]]:
+        series.pop("replicates")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    code, lines = compare(capsys, str(path))
+    assert code == 0 and len(lines) > 40 and all(line.startswith("in  ") for line in lines[:-1])
+    assert "yours 6.27," in next(line for line in lines if "NC2 at d = 2:" in line)  # its mean
+    code, lines = compare(capsys, os.path.join(ROOT, "docs", "full_exp3_h100.json"))
+    assert len(lines) == 1 + 8 and all(" exp3 NC2 at d = " in line for line in lines[:-1])
+
+
+def test_a_file_whose_headline_numbers_cannot_be_read_is_one_line_and_exit_2(
+        tmp_path, capsys, data_dir):
+    """A shape the figure can draw (an empty series) but --compare cannot read: refused in
+    one line that names the experiment, not a traceback."""
+    results = json.loads(open(REFERENCES["quick"]).read())
+    next(iter(results["exp1"].values()))["width"] = []
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    code, lines = refused(capsys, "--compare", str(path), data_dir=data_dir)
+    assert code == 2 and len(lines) == 1 and "exp1 is not in the shape" in lines[0], lines
+
+
 def test_an_experiment_the_reference_lacks_or_no_file_is_exit_2(tmp_path, capsys, data_dir):
     reference = json.loads(open(REFERENCES["quick"]).read())
     reference.pop("exp3")
