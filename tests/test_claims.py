@@ -141,6 +141,18 @@ def test_command_line(tmp_path):
         f"claims.py: {not_results} is not a results file (no exp1, exp2, exp3 or exp4 entry)"]
 
 
+def test_results_mixing_one_seed_and_several_are_refused_in_one_line():
+    """An experiment written before replicates were kept, beside experiments of several
+    seeds: no seed-by-seed verdict can be made for it, and the refusal is one line."""
+    results = json.loads(open(os.path.join(ROOT, "docs", "quick_results.json")).read())
+    results["exp3"].pop("replicates")
+    assert claims.seed_count(results) == 2
+    with pytest.raises(SystemExit) as refusal:
+        claims.claims_table(results)
+    assert str(refusal.value).startswith("claims.py: exp3 holds one seed's values")
+    assert "\n" not in str(refusal.value)
+
+
 def test_results_of_several_seeds_are_judged_seed_by_seed():
     exp3 = {"d": [8, 9, 10], "nc2": [1.0, 0.3, 1.0],  # the mean would say "no"
             "replicates": {"nc2": [[1.0, 1.0, 1.0], [0.05, 0.8, 0.05], [1.0, 1.0, 1.0]]}}

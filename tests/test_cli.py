@@ -285,6 +285,17 @@ def test_gpu_check_without_cuda_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "check").exists()
 
 
+@pytest.mark.parametrize("args, problem", [(["--widths", "2,x"], "--widths '2,x'"),
+                                           (["--epochs", "0"], "--epochs 0")])
+def test_benchmark_bad_arguments_are_one_line_exit_2(args, problem):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"),
+                             "--device", "cpu", *args], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"benchmark.py: error: {problem}"), lines
+
+
 def test_a_collects_wall_time_is_not_given_as_training_time():
     """A collect reads records in seconds: its wall time says nothing of the hours the
     models trained, so neither its summary nor a merge that includes it shows it."""

@@ -185,6 +185,11 @@ def curves_cost(data, epochs):
           f"({len(setup['grid'])} evaluations over {setup['epochs']} epochs)")
 
 
+def refuse(message):
+    print(f"benchmark.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=5)
@@ -199,8 +204,19 @@ def main():
                         "print each round's speed-up and their median (a shared machine's "
                         "speed drifts between minutes)")
     args = p.parse_args()
-    device = ncc.resolve_device(args.device)
-    widths = [int(w) for w in args.widths.split(",")]
+    try:
+        device = ncc.resolve_device(args.device)
+    except ValueError as e:
+        return refuse(str(e))
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        widths = [0]
+    if not all(1 <= w <= ncc.MAX_WIDTH for w in widths):
+        return refuse(f"--widths {args.widths!r}: expected comma-separated integers in "
+                      f"1..{ncc.MAX_WIDTH}, like 2,4,8")
+    if args.epochs < 1 or args.repeats < 1:
+        return refuse(f"--epochs {args.epochs}, --repeats {args.repeats}: each must be >= 1")
     data = ncc.get_data(device=device)
     if args.bound:
         return bound(widths, data)
@@ -237,4 +253,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

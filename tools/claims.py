@@ -219,12 +219,15 @@ def seed_view(results, seed):
     """`results` with every Exp 1-3 value the claims read replaced by seed `seed`'s own
     (from "replicates": lists over points of lists over seeds)."""
     view = json.loads(json.dumps(results))
-    for name, keys in (("exp1", ("test_err", "train_err")), ("exp2", ("test_err", "train_err"))):
-        for series in (view.get(name) or {}).values():
+    for name, keys in (("exp1", ("test_err", "train_err")), ("exp2", ("test_err", "train_err")),
+                       ("exp3", ("nc2",))):
+        part = view.get(name) or {}
+        for series in [part] if name == "exp3" else part.values():
+            if "replicates" not in series:
+                raise SystemExit(f"claims.py: {name} holds one seed's values and another "
+                                 "experiment several seeds': give results of one study")
             for key in keys:
                 series[key] = [seeds[seed] for seeds in series["replicates"][key]]
-    if view.get("exp3"):
-        view["exp3"]["nc2"] = [seeds[seed] for seeds in view["exp3"]["replicates"]["nc2"]]
     return view
 
 
