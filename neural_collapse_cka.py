@@ -3346,15 +3346,18 @@ def _dataset_sizes():
 PROBE_SAMPLES = 512  # the most inputs a probe trains on, whatever BATCH_SIZE is
 
 
-def probe_step_seconds(group, device):
-    """Seconds per training step of `group` fused on `device`: four epochs of two steps on
-    random inputs (a step's time does not depend on the values), timing the last two from
-    the end of one epoch to the end of another, so that one-off set-up, with CUDA_GRAPHS
-    the capture, and the copies of the trained weights back into the models are left out.
-    A batch larger than half of PROBE_SAMPLES is timed as one step of PROBE_SAMPLES inputs
-    and scaled by its size (a step's arithmetic grows with its batch), so that a probe
-    costs seconds and little memory whatever BATCH_SIZE is."""
-    n = min(2 * BATCH_SIZE, PROBE_SAMPLES)
+def probe_step_seconds(group, device, steps=2):
+    """Seconds per training step of `group` fused on `device`: four epochs of `steps` steps
+    on random inputs (a step's time does not depend on the values), timing the last two
+    from the end of one epoch to the end of another, so that one-off set-up, with
+    CUDA_GRAPHS the capture, and the copies of the trained weights back into the models
+    are left out. A batch larger than half of PROBE_SAMPLES is timed as one step of
+    PROBE_SAMPLES inputs and scaled by its size (a step's arithmetic grows with its batch),
+    so that a probe costs seconds and little memory whatever BATCH_SIZE is. Each epoch's
+    own cost (its shuffle, its one host sync) is shared by its `steps` steps: a share
+    that weighs on a GPU, where a step takes milliseconds (tools/gpu_check.py measures
+    it against longer epochs)."""
+    n = min(steps * BATCH_SIZE, steps * PROBE_SAMPLES // 2)
     fake = {"x_train": torch.randn(n, 40, device=device),
             "y_train": torch.randint(0, NUM_CLASSES, (n,), device=device)}
     models = [make_model(s["arch"], s["width"], 0, s.get("d")) for s in group]

@@ -9,7 +9,9 @@ In this order, each check started only while the budget (seconds) lasts:
    from these, `full`'s wall time extrapolated: the training time read from the runs'
    records scales with the epochs, the checkpoint measures with their number, and the
    rest (analysis, start-up) stays as it was;
-3. `full`'s --plan, its estimate of each experiment against those extrapolations;
+3. `full`'s --plan, its estimate of each experiment against those extrapolations, and
+   the plan's probe at two steps an epoch (as the plan runs it) against the same probe at
+   a whole epoch's steps (a probe's epoch's own costs weigh more in a short epoch);
 4. a smoke run (a snapshot after every epoch) killed with SIGKILL once one group has
    finished and another has saved a snapshot, and rerun, finished groups loaded and the
    group in training resumed from its snapshot, against an uninterrupted one: the same
@@ -241,6 +243,40 @@ def check_plan(report, device, out):
         "output": tail(done.stdout + done.stderr, 8)}
 
 
+# Prints {experiment: [its groups' epochs x step seconds at 2 steps an epoch, the same at a
+# whole epoch's steps]} for the preset and device given: a subprocess, so that this one's
+# device stays untouched, with the plan's own code
+PROBE_EPOCHS = """
+import json, sys, torch
+import neural_collapse_cka as ncc
+preset, device = sys.argv[1], torch.device(sys.argv[2])
+ncc.apply_settings(ncc.PRESETS[preset])
+whole = -(-ncc._dataset_sizes()[0] // ncc.BATCH_SIZE)
+seconds = {}
+for name, group in ncc.study_groups(range(1, 5), device.type):
+    per_epoch = [ncc.probe_step_seconds(group, device, steps) * group[0]["epochs"]
+                 for steps in (2, whole)]
+    seconds[name] = [a + b for a, b in zip(seconds.get(name, [0.0, 0.0]), per_epoch)]
+print(json.dumps({"whole_epoch_steps": whole, "seconds": seconds}))
+"""
+
+
+def check_probe(report, device):
+    """The plan's probe times steps in epochs of two steps, whose own costs (a shuffle, a
+    host sync) are then shared by two steps, not by a whole epoch's: each experiment's
+    training time by the probe at two steps an epoch over the same at a whole epoch's, so
+    that a probe misjudging a GPU (the plan check) can be told from a plan missing a
+    cost."""
+    seconds, done = run([sys.executable, "-c", PROBE_EPOCHS, PRESET, device])
+    ratios = {}
+    if done.returncode == 0:
+        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        ratios = {name: two / whole for name, (two, whole) in measured["seconds"].items()}
+    report["probe"] = {"ok": done.returncode == 0, "seconds": seconds,
+                       "two_over_whole_epoch": ratios,
+                       "output": tail(done.stdout + done.stderr, 3)}
+
+
 def check_shards(report, device, out, fraction):
     import neural_collapse_cka as ncc
     epochs = max(1, round(ncc.EPOCHS_MODEL_WISE * fraction))
@@ -339,6 +375,10 @@ def summary(report):
         ratios = report["plan"]["planned_over_extrapolated"]
         lines.append(f"{'plan / extrapolated (eager)':<28} {str(report['plan']['ok']):<4} "
                      + (", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) or "-"))
+    if "probe" in report:
+        ratios = report["probe"]["two_over_whole_epoch"]
+        lines.append(f"{'probe 2 steps / whole epoch':<28} {str(report['probe']['ok']):<4} "
+                     + (", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) or "-"))
     shards = report.get("exp1_shards", {})
     for count, row in shards.items():
         result = (f"{row['wall']:.1f} s at {row['epochs']} epochs, "
@@ -392,6 +432,7 @@ def main():
               ("full_fraction", lambda: check_full_fraction(report, args.device, args.out,
                                                             args.fraction)),
               ("plan", lambda: check_plan(report, args.device, args.out)),
+              ("probe", lambda: check_probe(report, args.device)),
               ("kill_and_resume", lambda: check_kill_and_resume(report, args.device,
                                                                 args.out)),
               ("kill_and_resume_graphs", lambda: check_kill_and_resume(
