@@ -3216,7 +3216,13 @@ def _worker_main(pipe, settings, shared):
         except Exception:
             import traceback
             reply = (False, "in a worker process:\n" + traceback.format_exc())
-        pipe.send_bytes(pickle.dumps(reply))
+        try:
+            pipe.send_bytes(pickle.dumps(reply))
+        except OSError:
+            # BrokenPipeError: the parent ended (a full disk, say) while this worker trained;
+            # it has said why in one line, and this reply has no reader
+            signal.signal(signal.SIGTERM, _shrugged_off)
+            return
 
 
 def _exit_on_sigterm(signum, frame):

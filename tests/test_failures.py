@@ -265,6 +265,24 @@ def _fail_as_a_full_disk(path):
     raise OSError(28, "No space left on device", path)
 
 
+WORKER_WITHOUT_PARENT = """
+import multiprocessing, pickle
+import neural_collapse_cka as ncc
+parent, worker = multiprocessing.Pipe()
+parent.send_bytes(pickle.dumps((len, ([1, 2, 3],))))  # a call, then the parent is gone
+parent.close()
+ncc._worker_main(worker, {}, None)
+"""
+
+
+def test_a_worker_whose_parent_ended_meanwhile_ends_without_a_traceback():
+    """A run that stops on a full disk while a worker trains: the worker's reply finds no
+    reader (a broken pipe); the run's one line must stay the only one."""
+    done = subprocess.run([sys.executable, "-c", WORKER_WITHOUT_PARENT], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 def test_a_write_that_fails_names_its_file_and_leaves_no_temporary(tmp_path):
     def full(f):
         raise OSError(28, "No space left on device")  # a write's ENOSPC names no file
