@@ -12,10 +12,10 @@ In this order, each check started only while the budget (seconds) lasts:
 3. `full`'s --plan, its estimate of each experiment against those extrapolations, and
    the plan's probe at two steps an epoch (as the plan runs it) against the same probe at
    a whole epoch's steps (a probe's epoch's own costs weigh more in a short epoch);
-4. a smoke run (a snapshot after every epoch) killed with SIGKILL once one group has
-   finished and another has saved a snapshot, and rerun, finished groups loaded and the
-   group in training resumed from its snapshot, against an uninterrupted one: the same
-   numbers (a rerun that resumed no group from a snapshot fails); then the same with CUDA
+4. a smoke run (a snapshot after every epoch) killed with SIGKILL once a model's record
+   and a group's snapshot exist, and rerun, finished groups loaded and a group part-way
+   resumed from its snapshot, against an uninterrupted one: the same numbers (a rerun
+   that resumed no group from a snapshot fails); then the same with CUDA
    graphs, whose resumed numbers may differ in rounding (the largest difference, and
    whether --compare finds the resumed run within the uninterrupted one's band);
 5. an epoch of each of Exp 1's fused groups with the activations in PyTorch's default
@@ -131,9 +131,9 @@ def check_kill_and_resume(report, device, out, graphs=False):
     killed = f"{out}/{name}_killed"
     proc = subprocess.Popen(study(killed, device, *args), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # killed once a group has finished (its records) and another is part-way through (its
-    # snapshot, which is removed as its records are written), so that the rerun shows both
-    # ways of resuming; on a GPU the first record alone left no group part-way at times
+    # killed once a record and a snapshot exist: a group part-way, in training or in storing
+    # its records (its snapshot is removed after them), so that the rerun must resume one
+    # from its snapshot; on a GPU the first record alone once left no group part-way
     deadline = time.time() + min(300, time_left())
     while time.time() < deadline and proc.poll() is None:
         if records_and_snapshots(os.path.join(killed, "records")) >= (1, 1):
