@@ -254,9 +254,9 @@ ncc.apply_settings(ncc.PRESETS[preset])
 whole = -(-ncc._dataset_sizes()[0] // ncc.BATCH_SIZE)
 seconds = {}
 for name, group in ncc.study_groups(range(1, 5), device.type):
-    per_epoch = [ncc.probe_step_seconds(group, device, steps) * group[0]["epochs"]
-                 for steps in (2, whole)]
-    seconds[name] = [a + b for a, b in zip(seconds.get(name, [0.0, 0.0]), per_epoch)]
+    training = [ncc.probe_step_seconds(group, device, steps) * group[0]["epochs"]
+                for steps in (2, whole)]
+    seconds[name] = [a + b for a, b in zip(seconds.get(name, [0.0, 0.0]), training)]
 print(json.dumps({"whole_epoch_steps": whole, "seconds": seconds}))
 """
 
@@ -291,10 +291,12 @@ def check_shards(report, device, out, fraction):
         # each shard's errors to a file: a pipe nobody reads while it runs can fill and stall it
         errors = [f"{out}/shards_{count}_{i}.stderr" for i in range(count)]
         start = time.time()
-        procs = [subprocess.Popen(study(folder, device, *args, "--shard", f"{i}/{count}"),
-                                  cwd=ROOT, stdout=subprocess.DEVNULL,
-                                  stderr=open(errors[i], "w"))
-                 for i in range(count)]
+        procs = []
+        for i in range(count):
+            with open(errors[i], "w") as stderr:  # the child keeps its own copy
+                procs.append(subprocess.Popen(
+                    study(folder, device, *args, "--shard", f"{i}/{count}"), cwd=ROOT,
+                    stdout=subprocess.DEVNULL, stderr=stderr))
         codes = []
         for proc in procs:
             try:
