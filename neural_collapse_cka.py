@@ -3013,6 +3013,21 @@ def _stop_on_sigterm(signum, frame):
     raise Terminated()
 
 
+class OutputClosed(KeyboardInterrupt):
+    """Whoever read the command line's output stopped reading (`| head`): it stops as at
+    Ctrl-C, since what it prints goes nowhere (a shell's SIGPIPE, which Python ignores)."""
+
+
+def say(*parts):
+    """A line of the command line's output, on stdout."""
+    try:
+        print(*parts, flush=True)
+    except BrokenPipeError:
+        # /dev/null for fd 1, else the interpreter's last flush of stdout fails once more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OutputClosed() from None
+
+
 def _shrugged_off(signum, frame):
     """The handler of a signal to ignore: a worker's Ctrl-C (it reaches the whole process
     group; the parent decides), or a second SIGTERM to a process that is ending already,
@@ -4380,7 +4395,7 @@ def _plot_only(paths, out_dir):
         save_json(merged_path, publishable(results))
         written = [merged_path, *merge_model_tables(paths, results["parts"], out_dir),
                    *draw_figures(results, out_dir)]
-    print("wrote " + ", ".join(written))
+    say("wrote " + ", ".join(written))
     return 0
 
 
@@ -4388,6 +4403,8 @@ EXIT_BAD_INPUT = 2     # a value, flag or file the script cannot use: nothing wa
 EXIT_MACHINE = 3       # the machine failed the run (a full disk, a missing permission, out
                        # of memory): what was saved stays, and once it is fixed the same
                        # command resumes
+EXIT_OUTPUT_CLOSED = 141  # the reader of stdout went away (`| head`), as a shell reports
+                          # a program its SIGPIPE ended: 128 + 13
 
 
 def machine_failure(error, folder=None):
@@ -4414,6 +4431,8 @@ def main(argv=None):
         print(f"{parser.prog}: error: {machine_failure(e, args.out)}", file=sys.stderr,
               flush=True)
         return EXIT_MACHINE
+    except OutputClosed:  # outside a run (`--plan | head`): the reader has what it wanted
+        return EXIT_OUTPUT_CLOSED
     except KeyboardInterrupt:  # outside a run (checks, --plan, --plot-only, --compare)
         print("stopped by Ctrl-C; every file is written whole or not at all, so nothing "
               "half-written is left", file=sys.stderr, flush=True)
@@ -4424,8 +4443,7 @@ def _main(parser, args, argv):
     try:
         shard = _check_modes(args)
         if args.compare:
-            return compare_results(args.compare, args.reference,
-                                   log=functools.partial(print, flush=True))
+            return compare_results(args.compare, args.reference, log=say)
         if args.plot_only:
             return _plot_only(args.plot_only, args.out if "--out" in argv else None)
         experiments = _parse_experiments(args.experiments)
@@ -4445,7 +4463,7 @@ def _main(parser, args, argv):
     except ValueError as e:
         parser.error(str(e))
     apply_settings(settings)
-    log = functools.partial(print, flush=True)
+    log = say  # every line the command line prints, on stdout
     if args.plan:
         plan_study(experiments, device, shard, detail=True, log=log,
                    records_dir=os.path.join(args.out, "records"))
@@ -4478,11 +4496,18 @@ def _main(parser, args, argv):
         return 1
     except KeyboardInterrupt as stop:
         signal.signal(signal.SIGTERM, _shrugged_off)
-        how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
-        print(f"stopped by {how}: finished models are saved under "
-              f"{os.path.join(args.out, 'records')}; rerun the same command to resume",
-              file=sys.stderr, flush=True)
-        return 143 if isinstance(stop, Terminated) else 130
+        how, code = "Ctrl-C", 130
+        if isinstance(stop, Terminated):
+            how, code = "SIGTERM", 143
+        elif isinstance(stop, OutputClosed):
+            how, code = "a closed pipe (its output's reader went away)", EXIT_OUTPUT_CLOSED
+        try:
+            print(f"stopped by {how}: finished models are saved under "
+                  f"{os.path.join(args.out, 'records')}; rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+        except BrokenPipeError:  # stderr went into the same closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        return code
     return 0
 
 

@@ -139,6 +139,12 @@ def test_command_line(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [
         f"claims.py: {not_results} is not a results file (no exp1, exp2, exp3 or exp4 entry)"]
+    # `| head -0`: the reader gone before the table; exit 141, as a shell reports a
+    # program that SIGPIPE ended, and no traceback
+    closed = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "claims.py"), quick],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    closed.stdout.close()
+    assert closed.wait(timeout=60) == 141 and closed.stderr.read() == ""
 
 
 def test_results_mixing_one_seed_and_several_are_refused_in_one_line():

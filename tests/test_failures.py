@@ -6,6 +6,7 @@ twice."""
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -383,3 +384,32 @@ def test_the_plans_probe_trains_on_at_most_probe_samples_whatever_the_batch(monk
         monkeypatch.setattr(ncc, "BATCH_SIZE", batch)
         assert ncc.probe_step_seconds(group, ncc.torch.device("cpu")) > 0
     assert seen == [8, ncc.PROBE_SAMPLES]
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly_and_a_run_keeps_its_work(
+        tmp_path, data_dir):
+    # `--compare ... | head -0`: its reader is gone before its first line; exit 141, as a
+    # shell reports a program that SIGPIPE ended, and nothing on stderr
+    compare = subprocess.Popen([sys.executable, SCRIPT, "--compare", "docs/quick_results.json"],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    compare.stdout.close()
+    assert compare.wait(timeout=60) == 141
+    assert compare.stderr.read() == ""
+    # a run whose reader leaves after its first finished model: it stops as at Ctrl-C, one
+    # line, and what it saved counts as done for the same command
+    args = [*SMOKE, "--experiments", "1", "--set", "CPU_GROUP_WIDTH=4", "--out",
+            str(tmp_path / "out")]
+    run = subprocess.Popen([sys.executable, SCRIPT, "--set", f"DATA_DIR={data_dir}", *args],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:
+        if " done" in line:
+            break
+    run.stdout.close()
+    assert run.wait(timeout=60) == 141
+    one_line(subprocess.CompletedProcess(run.args, run.returncode, None, run.stderr.read()),
+             "closed pipe", "rerun the same command")
+    assert saved_records(tmp_path / "out" / "records" / "exp1")
+    assert not (tmp_path / "out" / f"{NAME}.json").exists()
+    plan = cli(*args, "--plan", data_dir=data_dir)  # what the same command would now train
+    assert re.search(r"; [1-9]\d* models finished", plan.stdout), plan.stdout

@@ -103,8 +103,8 @@ def bound(widths, data):
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data["x_train"], data["y_train"]),
         batch_size=ncc.BATCH_SIZE, shuffle=True)
-    print(f"one epoch of each Exp 1 model alone, seconds; plain on {threads} threads")
-    print(f"{'model':<18} {'plain ' + str(threads) + 't':>9} {'plain 1t':>9} {'ours 1t':>9}")
+    ncc.say(f"one epoch of each Exp 1 model alone, seconds; plain on {threads} threads")
+    ncc.say(f"{'model':<18} {'plain ' + str(threads) + 't':>9} {'plain 1t':>9} {'ours 1t':>9}")
     totals = [0.0, 0.0, 0.0]
     for arch in ("ResNet", "CNN"):
         for optimizer in ("SGD", "Adam"):
@@ -115,12 +115,12 @@ def bound(widths, data):
                          seconds_per_epoch(lambda: plain_epoch(model, opt, loader), 1),
                          seconds_per_epoch(lambda: ours_epoch([model], data, optimizer), 1)]
                 totals = [a + b for a, b in zip(totals, times)]
-                print(f"{arch + ' ' + optimizer + ' w=' + str(w):<18} "
-                      + " ".join(f"{t:9.3f}" for t in times), flush=True)
-    print(f"{'sum':<18} " + " ".join(f"{t:9.2f}" for t in totals))
+                ncc.say(f"{arch + ' ' + optimizer + ' w=' + str(w):<18} "
+                        + " ".join(f"{t:9.3f}" for t in times))
+    ncc.say(f"{'sum':<18} " + " ".join(f"{t:9.2f}" for t in totals))
     specs = [{"arch": a, "optimizer": o, "width": w, "epochs": 1}
              for a in ("ResNet", "CNN") for o in ("SGD", "Adam") for w in widths]
-    print("one epoch of each group this script fuses on a CPU, one thread, seconds")
+    ncc.say("one epoch of each group this script fuses on a CPU, one thread, seconds")
     fused_total = 0.0
     for group in ncc.ModelRuns("bound", data, log=None).groups(specs):
         models = [ncc.make_model(s["arch"], s["width"], 0).train() for s in group]
@@ -130,12 +130,12 @@ def bound(widths, data):
         label = (f"{group[0]['arch']} {'+'.join(sorted(set(names)))} w="
                  + ",".join(str(w) for w in sorted({s["width"] for s in group}))
                  + f" ({len(group)})")
-        print(f"{label:<34} {seconds:9.3f}", flush=True)
+        ncc.say(f"{label:<34} {seconds:9.3f}")
     torch.set_num_threads(threads)
-    print(f"{'sum':<34} {fused_total:9.2f}")
-    print(f"most two one-thread workers can gain over plain on {threads} threads: "
-          f"models alone {totals[0] / (totals[2] / 2):.2f}x, "
-          f"fused groups {totals[0] / (fused_total / 2):.2f}x")
+    ncc.say(f"{'sum':<34} {fused_total:9.2f}")
+    ncc.say(f"most two one-thread workers can gain over plain on {threads} threads: "
+            f"models alone {totals[0] / (totals[2] / 2):.2f}x, "
+            f"fused groups {totals[0] / (fused_total / 2):.2f}x")
 
 
 def ours(specs, data, epochs, device):
@@ -160,9 +160,9 @@ def ours_graphed(specs, data, epochs, device):
 def curves_cost(data, epochs):
     setup = ncc.model_wise_setup()
     groups = ncc.fused_groups(setup["specs"], data["x_train"].device.type)
-    print(f"Exp 1: {len(setup['specs'])} models in {len(groups)} groups, "
-          f"{len(setup['grid'])} evaluations in {setup['epochs']} epochs; timing {epochs} "
-          f"epochs of each group with an evaluation after every one", flush=True)
+    ncc.say(f"Exp 1: {len(setup['specs'])} models in {len(groups)} groups, "
+            f"{len(setup['grid'])} evaluations in {setup['epochs']} epochs; timing {epochs} "
+            f"epochs of each group with an evaluation after every one")
     training = evaluating = 0.0
     for group in groups:
         models = [ncc.make_model(s["arch"], s["width"], 0) for s in group]
@@ -179,10 +179,10 @@ def curves_cost(data, epochs):
         training += time.perf_counter() - start - spent[0]
         evaluating += spent[0]
     share = (evaluating / epochs * len(setup["grid"])) / (training / epochs * setup["epochs"])
-    print(f"one epoch of every group: training {training / epochs:.2f} s, evaluating "
-          f"{evaluating / epochs:.2f} s ({evaluating / training:.1%} of an epoch)")
-    print(f"learning curves cost {share:.2%} of Exp 1's training time "
-          f"({len(setup['grid'])} evaluations over {setup['epochs']} epochs)")
+    ncc.say(f"one epoch of every group: training {training / epochs:.2f} s, evaluating "
+            f"{evaluating / epochs:.2f} s ({evaluating / training:.1%} of an epoch)")
+    ncc.say(f"learning curves cost {share:.2%} of Exp 1's training time "
+            f"({len(setup['grid'])} evaluations over {setup['epochs']} epochs)")
 
 
 def refuse(message):
@@ -226,8 +226,8 @@ def main():
     specs = [{"arch": a, "optimizer": o, "width": w, "epochs": args.epochs}
              for a in ("ResNet", "CNN") for o in ("SGD", "Adam") for w in widths]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{len(specs)} models x {args.epochs} epochs on {device} ({name}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ncc.say(f"{len(specs)} models x {args.epochs} epochs on {device} ({name}), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     # warm-up: allocator, kernels, oneDNN primitives
     ours([{**s, "epochs": 1} for s in specs[:4]], data, 1, device)
     ways = [("plain (DataLoader, one at a time)", plain), ("ours (fused)", ours)]
@@ -241,16 +241,18 @@ def main():
             fn(specs, data, args.epochs, device)
             seconds = time.perf_counter() - start
             rates[label] = len(specs) * args.epochs / seconds
-            print(f"{label:<36} {seconds:8.1f} s  {rates[label]:8.2f} model-epochs/s",
-                  flush=True)
+            ncc.say(f"{label:<36} {seconds:8.1f} s  {rates[label]:8.2f} model-epochs/s")
         for label in speedups:
             speedups[label].append(rates[label] / rates[ways[0][0]])
-            print(f"speed-up of {label}: {speedups[label][-1]:.2f}x", flush=True)
+            ncc.say(f"speed-up of {label}: {speedups[label][-1]:.2f}x")
     if args.repeats > 1:
         for label, values in speedups.items():
-            print(f"median speed-up of {label} over {args.repeats} rounds: "
-                  f"{statistics.median(values):.2f}x")
+            ncc.say(f"median speed-up of {label} over {args.repeats} rounds: "
+                    f"{statistics.median(values):.2f}x")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ncc.OutputClosed:  # `| head`: the reader has what it wanted
+        sys.exit(ncc.EXIT_OUTPUT_CLOSED)

@@ -39,6 +39,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # the same rise and smoothing as `--compare`'s headline numbers
 from neural_collapse_cka import largest_rise, running_median3  # noqa: E402
+from neural_collapse_cka import EXIT_OUTPUT_CLOSED, OutputClosed, say  # noqa: E402
 
 PEAK_RISE = 0.02         # smallest difference of test errors that counts (20 of 1000)
 PEAK_PARAMS = (1e3, 1e4)
@@ -309,10 +310,12 @@ def main(argv=None):
                    help="only the numbers each verdict rests on, each seed's side by side")
     args = p.parse_args(argv)
     try:
-        print(claims_table(load(args.results), brief=args.brief))
+        say(claims_table(load(args.results), brief=args.brief))
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 2
+    except OutputClosed:  # `| head`: the reader has what it wanted
+        return EXIT_OUTPUT_CLOSED
     return 0
 
 
