@@ -452,11 +452,20 @@ def main():
         report["seconds"] = time.time() - start
         report["summary"] = summary(report)
         write_atomic_json(os.path.join(args.out, "gpu_check.json"), report)
-        print(f"[{report['seconds']:.0f} s] {key}: "
-              + ("skipped (budget spent)" if key in report["skipped"] else "done"), flush=True)
-    print(f"{name}, torch {torch.__version__}, {report['seconds']:.0f} s in all")
-    print(report["summary"])
+        progress(f"[{report['seconds']:.0f} s] {key}: "
+                 + ("skipped (budget spent)" if key in report["skipped"] else "done"))
+    progress(f"{name}, torch {torch.__version__}, {report['seconds']:.0f} s in all")
+    progress(report["summary"])
     return 0
+
+
+def progress(line):
+    """A line on stdout. A reader that quits (`| head`) ends the lines, not the checks: the
+    report is the file, and the machine's time is too dear to lose to a closed pipe."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def write_atomic_json(path, obj):
