@@ -3878,14 +3878,16 @@ REFERENCES = {"full": os.path.join("docs", "full", RESULTS_NAME + ".json"),
 # kind's floor, whichever is widest. Another seed of the same code then passes, as the
 # tests check for every seed held out of the others. The floors are what one seed of
 # `quick` against the other needs (measured: test errors 0.03-0.04 apart at one width,
-# peaks one or two widths apart, Exp 2's peak epochs a factor of 3.1 apart): 0.05 for a
-# test error or a CKA value, and for quantities that vary by factors, compared as log10,
-# a factor of 2 for a width, 4 for an epoch and 1.5 for an NC metric.
+# peaks one or two widths apart, Exp 2's peak epochs a factor of 3.1 apart and its late
+# fluctuations 1.5 and 1.7): 0.05 for a test error or a CKA value, and for quantities that
+# vary by factors, compared as log10, a factor of 2 for a width, 4 for an epoch, 1.5 for
+# an NC metric and 2 for a fluctuation ("change").
 COMPARE_SPREAD = 2.0
 COMPARE_POOLED = 4.0
 COMPARE_FLOORS = {"error": 0.05, "cka": 0.05, "width": np.log10(2.0), "epoch": np.log10(4.0),
-                  "nc": np.log10(1.5)}
-_LOG_KINDS = {"width", "epoch", "nc"}
+                  "nc": np.log10(1.5), "change": np.log10(2.0)}
+_LOG_KINDS = {"width", "epoch", "nc", "change"}
+MEMORISED = 0.01  # training error at or below this: the noisy labels are fitted
 
 
 def largest_rise(values):
@@ -3912,6 +3914,20 @@ def running_median3(values):
                          for i in range(1, len(values) - 1)), values[-1]]
 
 
+def memorised_epoch(epochs, train_err):
+    """The first epoch whose training error is at or below MEMORISED, or None: when Exp 2's
+    model has fitted the noisy labels."""
+    return next((e for e, t in zip(epochs, train_err) if t is not None and t <= MEMORISED),
+                None)
+
+
+def late_fluctuation(test_err):
+    """The median absolute change of test error between neighbouring checkpoints over the
+    second half of them: how much Exp 2's test error still moves once training settles."""
+    late = _floats(test_err[len(test_err) // 2:])
+    return float(np.nanmedian(np.abs(np.diff(late))))
+
+
 def _floats(values):
     return [float("nan") if v is None else float(v) for v in values]
 
@@ -3933,7 +3949,8 @@ def headline_numbers(results):
     is judged by: Exp 1's peak (the largest rise of test error over width: the width and
     test error where it ends, the lowest test error before it) and its test error at the
     widest width, per configuration; Exp 2's first minimum and peak of its smoothed test
-    error (epoch and value) and its last test error, per width; Exp 3's NC2 at every d;
+    error (epoch and value), its last test error, the epoch it fits the noisy labels
+    (`memorised_epoch`) and its `late_fluctuation`, per width; Exp 3's NC2 at every d;
     Exp 4's cross-architecture CKA of each layer with itself, its cross-seed CKA (mean of
     the seed pairs) and its drift at the last epoch, per layer (one value: its seeds are
     the point of 4C). Kinds: those of COMPARE_FLOORS."""
@@ -3952,16 +3969,22 @@ def headline_numbers(results):
                 out.setdefault(("exp1", f"{name} {what}"), (kind, []))[1].append(value)
     for name, series in (results.get("exp2") or {}).items():
         epochs = series["epoch"]
-        for curve in _per_seed(_seed_values(series, "test_err")):
+        for curve, train_err in zip(_per_seed(_seed_values(series, "test_err")),
+                                    _per_seed(_seed_values(series, "train_err"))):
             smooth = running_median3(curve)
             rise = largest_rise(smooth)
             i, j = rise if rise else (None, None)
             nan = float("nan")
+            memorised = memorised_epoch(epochs, train_err)
             values = {"first minimum epoch": ("epoch", epochs[i] if rise else nan),
                       "first minimum test error": ("error", smooth[i] if rise else nan),
                       "peak epoch": ("epoch", epochs[j] if rise else nan),
                       "peak test error": ("error", smooth[j] if rise else nan),
-                      f"test error at epoch {epochs[-1]}": ("error", curve[-1])}
+                      f"test error at epoch {epochs[-1]}": ("error", curve[-1]),
+                      f"first epoch with training error <= {MEMORISED}": (
+                          "epoch", nan if memorised is None else memorised),
+                      "median change of test error between checkpoints, second half": (
+                          "change", late_fluctuation(curve))}
             for what, (kind, value) in values.items():
                 out.setdefault(("exp2", f"w = {series['width']} {what}"), (kind, []))[1].append(
                     value)

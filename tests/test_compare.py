@@ -154,3 +154,37 @@ def test_an_experiment_the_reference_lacks_or_no_file_is_exit_2(tmp_path, capsys
     done = cli("--compare", str(path), data_dir=data_dir)  # as a user meets it
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "--reference" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_exp2s_claims_are_headline_numbers_by_their_definitions(capsys, tmp_path):
+    """Each claim's numbers are judged: for Exp 2 also the epoch its training error first
+    falls to 0.01 or below (the noisy labels fitted) and the median change of its test
+    error between neighbouring checkpoints over the second half (width 12 fluctuates)."""
+    results = json.loads(open(REFERENCES["quick"]).read())
+    numbers = ncc.headline_numbers(results)
+    for series in results["exp2"].values():
+        w = series["width"]
+        epochs = series["epoch"]
+        for seed, (test_err, train_err) in enumerate(zip(zip(*series["replicates"]["test_err"]),
+                                                         zip(*series["replicates"]["train_err"]))):
+            fitted = [e for e, t in zip(epochs, train_err) if t <= 0.01]
+            _, fit = numbers[("exp2", f"w = {w} first epoch with training error <= 0.01")]
+            assert fit[seed] == fitted[0] if fitted else np.isnan(fit[seed])
+            late = test_err[len(test_err) // 2:]
+            changes = sorted(abs(b - a) for a, b in zip(late, late[1:]))
+            middle = (changes[(len(changes) - 1) // 2] + changes[len(changes) // 2]) / 2
+            _, fluctuation = numbers[("exp2", f"w = {w} median change of test error between "
+                                      "checkpoints, second half")]
+            assert fluctuation[seed] == pytest.approx(middle, abs=1e-15)
+    # quick's width 12 never fits the noisy labels in 300 epochs: a run in which it does
+    # (every training error 0 from epoch 100) is out, and the line says which number
+    critical = results["exp2"]["critical"]
+    critical["replicates"]["train_err"] = [
+        [0.0] * len(seeds) if epoch >= 100 else seeds
+        for epoch, seeds in zip(critical["epoch"], critical["replicates"]["train_err"])]
+    path = tmp_path / "memorises.json"
+    path.write_text(json.dumps(results))
+    code, lines = compare(capsys, str(path))
+    assert code == 1
+    assert [line.split(":")[0] for line in lines if line.startswith("OUT")] == [
+        "OUT exp2 w = 12 first epoch with training error <= 0.01"]

@@ -37,13 +37,13 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# the same rise and smoothing as `--compare`'s headline numbers
-from neural_collapse_cka import largest_rise, running_median3  # noqa: E402
+# the same rise, smoothing, fit and fluctuation as `--compare`'s headline numbers
+from neural_collapse_cka import (largest_rise, late_fluctuation, memorised_epoch,  # noqa: E402
+                                 running_median3)
 from neural_collapse_cka import EXIT_OUTPUT_CLOSED, OutputClosed, say  # noqa: E402
 
 PEAK_RISE = 0.02         # smallest difference of test errors that counts (20 of 1000)
 PEAK_PARAMS = (1e3, 1e4)
-MEMORISED = 0.01         # training error at or below this: the noisy labels are fitted
 NC2_ZERO = 0.1
 CKA_TOLERANCE = 0.05
 # (row label, the seed study's value, where it is in exp4)
@@ -125,20 +125,12 @@ def epoch_bump(run):
     return run["epoch"][i], smooth[i], run["epoch"][j], smooth[j]
 
 
-def late_wobble(run):
-    """Median absolute change of test error between neighbouring checkpoints, second half."""
-    test_err = [_num(x) for x in run["test_err"]]
-    late = test_err[len(test_err) // 2:]
-    return statistics.median(abs(b - a) for a, b in zip(late, late[1:]))
-
-
 def exp2_rows(exp2):
     rows = []
     large, critical = exp2.get("large"), exp2.get("critical")
     if large is not None:
         bump = epoch_bump(large)
-        memorised = next((e for e, t in zip(large["epoch"], large["train_err"])
-                          if _num(t) <= MEMORISED), None)
+        memorised = memorised_epoch(large["epoch"], large["train_err"])
         end = f"end {_num(large['test_err'][-1]):.3f} at epoch {large['epoch'][-1]}"
         fit = ("training error never at or below 0.01" if memorised is None
                else f"training error ≤ 0.01 from epoch {memorised}")
@@ -155,14 +147,14 @@ def exp2_rows(exp2):
                          [("first minimum → peak", f"{low:.3f} → {high:.3f} (epoch {a} → {b})"),
                           fitted]))
     if critical is not None:
-        wobble = late_wobble(critical)
+        wobble = late_fluctuation(critical["test_err"])
         cell = f"median change between checkpoints in the second half {wobble:.3f}"
         if large is None:
             verdict = "–"
             brief = [(f"width {critical['width']}'s median change between checkpoints, "
                       "second half:", f"{wobble:.3f}")]
         else:
-            large_wobble = late_wobble(large)
+            large_wobble = late_fluctuation(large["test_err"])
             cell += f" (width {large['width']}: {large_wobble:.3f})"
             verdict = "yes" if wobble > large_wobble else "no"
             brief = [(f"median change between checkpoints, second half, width "
