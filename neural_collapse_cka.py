@@ -3018,13 +3018,20 @@ class OutputClosed(KeyboardInterrupt):
     Ctrl-C, since what it prints goes nowhere (a shell's SIGPIPE, which Python ignores)."""
 
 
+def to_devnull(stream):
+    """Point a stream whose pipe was closed at /dev/null, else the interpreter's last flush
+    of it fails once more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def say(*parts):
     """A line of the command line's output, on stdout."""
     try:
         print(*parts, flush=True)
     except BrokenPipeError:
-        # /dev/null for fd 1, else the interpreter's last flush of stdout fails once more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        to_devnull(sys.stdout)
         raise OutputClosed() from None
 
 
@@ -4529,7 +4536,7 @@ def _main(parser, args, argv):
                   f"{os.path.join(args.out, 'records')}; rerun the same command to resume",
                   file=sys.stderr, flush=True)
         except BrokenPipeError:  # stderr went into the same closed pipe
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+            to_devnull(sys.stderr)
         return code
     return 0
 

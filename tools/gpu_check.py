@@ -465,7 +465,8 @@ def progress(line):
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        import neural_collapse_cka as ncc
+        ncc.to_devnull(sys.stdout)
 
 
 def write_atomic_json(path, obj):
