@@ -59,7 +59,7 @@ def test_every_seed_of_a_reference_reproduces_the_others():
             rows = ncc.compare_numbers(mine, others)
             assert rows and [r for r in rows if not r[2]] == [], path
             tried += 1
-    assert tried >= 2  # quick has two seeds
+    assert tried >= 5  # quick has two seeds, full three
 
 
 def test_a_value_is_in_within_twice_the_range_four_pooled_deviations_or_the_floor():
