@@ -138,13 +138,14 @@ def exp2_rows(exp2):
         fitted = ("training error ≤ 0.01 from epoch", "never" if memorised is None else str(memorised))
         if bump is None:
             rows.append((claim, f"test error never rises; {end}; {fit}", "no",
-                         [("first minimum → peak", "no rise"), fitted]))
+                         [("smoothed first minimum → peak", "no rise"), fitted]))
         else:
             a, low, b, high = bump
             holds = high - low >= PEAK_RISE and memorised is not None and memorised > a
             rows.append((claim, f"first minimum {low:.3f} at epoch {a}, peak {high:.3f} at "
-                         f"epoch {b}, {end}; {fit}", "yes" if holds else "no",
-                         [("first minimum → peak", f"{low:.3f} → {high:.3f} (epoch {a} → {b})"),
+                         f"epoch {b} (smoothed test error), {end}; {fit}",
+                         "yes" if holds else "no",
+                         [("smoothed first minimum → peak", f"{low:.3f} → {high:.3f} (epoch {a} → {b})"),
                           fitted]))
     if critical is not None:
         wobble = late_fluctuation(critical["test_err"])
